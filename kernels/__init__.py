@@ -1,0 +1,1 @@
+"""Triton kernels with torch reference twins, imported as ``k2ray.kernels``."""
