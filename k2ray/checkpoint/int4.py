@@ -39,10 +39,13 @@ def unpack_int4(packed: torch.Tensor, shape: tuple[int, int] | torch.Tensor | No
     return q
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric min-max group quantization (the compressed-tensors ``minmax`` observer).
 
-    Returns ``(q, scale)`` with ``q`` int8 in [-8, 7] and ``scale`` fp32 ``[out, in // group_size]``.
+    Returns ``(q, scale)`` with ``q`` int8 in [-8, 7] and ``scale`` ``[out, in // group_size]`` in ``scale_dtype``;
+    ``q`` is rounded against the scale as stored, so dequantizing the stored pair is the checkpoint's exact truth.
     """
     out, inp = weight.shape
     if inp % group_size:
@@ -50,8 +53,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[t
     w = weight.float().view(out, inp // group_size, group_size)
     # Symmetric int4 range used by compressed-tensors: scale = max|w| / ((qmax - qmin) / 2) with qmax=7, qmin=-8.
     amax = w.abs().amax(-1).clamp(min=1e-12)
-    scale = amax / 7.5
-    q = torch.round(w / scale.unsqueeze(-1)).clamp(-8, 7).to(torch.int8)
+    scale = (amax / 7.5).to(scale_dtype)
+    q = torch.round(w / scale.float().unsqueeze(-1)).clamp(-8, 7).to(torch.int8)
     return q.view(out, inp), scale
 
 

@@ -1,0 +1,1 @@
+"""Kimi K2 / DeepSeek-V3 model math in pure PyTorch (no Ray, no HTTP)."""

@@ -1,0 +1,177 @@
+"""Per-role weight loading: the attention side (everything but routed experts) and the routed experts of a shard.
+
+Each role reads only its own tensors from the shard files (memory-mapped through safetensors). INT4 pack-quantized
+experts are dequantized to the compute dtype; FP8 block-quantized weights (K2-Instruct) are dequantized with their
+``weight_scale_inv``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from k2ray.checkpoint import CheckpointError
+from k2ray.checkpoint.index import CheckpointIndex
+from k2ray.checkpoint.int4 import dequantize_int4
+from k2ray.config import ModelArgs
+
+_PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar for reads above 1 GiB (or with K2RAY_PROGRESS=1)
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """DeepSeek FP8: ``w = fp8 * scale_inv`` with one fp32 scale per ``block`` tile of the weight."""
+    out, inp = weight.shape
+    bo, bi = block
+    s = scale_inv.float().repeat_interleave(bo, 0).repeat_interleave(bi, 1)[:out, :inp]
+    return weight.float() * s
+
+
+class WeightLoader:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        args: ModelArgs | None = None,
+        dtype: torch.dtype = torch.float32,
+        progress: bool | None = None,
+    ):
+        self.model_dir = Path(model_dir)
+        self.args = args or ModelArgs.from_dir(model_dir)
+        self.index = CheckpointIndex(model_dir)
+        self.dtype = dtype
+        env = os.environ.get("K2RAY_PROGRESS")
+        self.progress = progress if progress is not None else (env == "1" if env is not None else None)
+
+    # -- single tensors -----------------------------------------------------------------------------------------
+    def full_name(self, name: str) -> str:
+        return self.args.tensor_prefix + name
+
+    def _where(self, name: str) -> str:
+        return f"tensor {name!r} in {self.model_dir / self.index.shard_of(name)}"
+
+    def read(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read ``name`` (without prefix), dequantizing FP8 blocks, check its shape, cast to ``dtype``."""
+        full = self.full_name(name)
+        t = self.index.get(full)
+        if t.dtype == torch.float8_e4m3fn:
+            scale_name = full + "_scale_inv"
+            if scale_name not in self.index:
+                raise CheckpointError(f"{self._where(full)}: fp8 weight without {scale_name!r}")
+            block = tuple((self.args.quantization and self.args.quantization.weight_block_size) or (128, 128))
+            t = dequantize_fp8_blocks(t, self.index.get(scale_name), block)
+        elif t.dtype in (torch.int32, torch.int8, torch.uint8) and name.endswith("weight"):
+            raise CheckpointError(f"{self._where(full)}: unsupported quantized format (dtype {t.dtype})")
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{self._where(full)}: shape {tuple(t.shape)} does not match expected {tuple(shape)}")
+        return t.to(dtype or self.dtype)
+
+    def read_linear(self, base: str, out_features: int, in_features: int) -> torch.Tensor:
+        """A linear weight ``[out, in]`` stored dense, FP8 or INT4 pack-quantized (``base`` without ``.weight``)."""
+        packed = self.full_name(base + ".weight_packed")
+        if packed in self.index:
+            w_packed = self.index.get(packed)
+            scale = self.index.get(self.full_name(base + ".weight_scale"))
+            shape_name = self.full_name(base + ".weight_shape")
+            if shape_name in self.index:
+                stored = tuple(int(s) for s in self.index.get(shape_name).tolist())
+                if stored != (out_features, in_features):
+                    raise CheckpointError(
+                        f"{self._where(shape_name)}: weight_shape {stored} does not match expected "
+                        f"{(out_features, in_features)}"
+                    )
+            group = self.args.quantization.group_size if self.args.quantization else 32
+            if w_packed.dtype != torch.int32:
+                raise CheckpointError(f"{self._where(packed)}: expected int32 packed words, got {w_packed.dtype}")
+            if tuple(w_packed.shape) != (out_features, in_features // 8):
+                raise CheckpointError(
+                    f"{self._where(packed)}: shape {tuple(w_packed.shape)} does not match expected "
+                    f"{(out_features, in_features // 8)}"
+                )
+            if tuple(scale.shape) != (out_features, in_features // group):
+                raise CheckpointError(
+                    f"{self._where(self.full_name(base + '.weight_scale'))}: shape {tuple(scale.shape)} does not match "
+                    f"expected {(out_features, in_features // group)}"
+                )
+            return dequantize_int4(w_packed, scale, (out_features, in_features), dtype=self.dtype)
+        if self.full_name(base + ".weight") not in self.index:
+            raise CheckpointError(
+                f"{self.model_dir}: tensor {self.full_name(base + '.weight_packed')!r} (or {base + '.weight'!r}) "
+                "is missing from the checkpoint"
+            )
+        return self.read(base + ".weight", (out_features, in_features))
+
+    # -- roles --------------------------------------------------------------------------------------------------
+    def _bar(self, total_bytes: int, desc: str):
+        show = self.progress if self.progress is not None else total_bytes >= _PROGRESS_MIN_BYTES
+        return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not show, leave=False)
+
+    def load_dense(self, module: torch.nn.Module) -> None:
+        """Fill every parameter/buffer of ``module`` except routed experts from the checkpoint (names = keys)."""
+        targets = {
+            k: v for k, v in module.state_dict().items() if ".mlp.experts." not in k and not k.endswith(_SKIP_SUFFIXES)
+        }
+        total = sum(self.index.nbytes(self.full_name(k)) for k in targets if self.full_name(k) in self.index)
+        with self._bar(total, "loading dense weights") as bar, torch.no_grad():
+            for name, dst in targets.items():
+                src = self.read(name, dst.shape, dtype=dst.dtype)
+                dst.copy_(src)
+                bar.update(src.numel() * src.element_size())
+
+    def load_experts(self, layer: int, experts: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked ``w13 [n, 2I, H]`` (gate over up) and ``w2 [n, H, I]`` for ``experts`` of ``layer``."""
+        a = self.args
+        h, i = a.hidden_size, a.moe_intermediate_size
+        w13, w2 = [], []
+        for e in experts:
+            if not 0 <= e < a.n_routed_experts:
+                raise CheckpointError(f"expert {e} out of range (n_routed_experts={a.n_routed_experts})")
+            base = f"model.layers.{layer}.mlp.experts.{e}"
+            gate = self.read_linear(base + ".gate_proj", i, h)
+            up = self.read_linear(base + ".up_proj", i, h)
+            w13.append(torch.cat([gate, up], dim=0))
+            w2.append(self.read_linear(base + ".down_proj", h, i))
+        if not w13:
+            return torch.empty(0, 2 * i, h, dtype=self.dtype), torch.empty(0, h, i, dtype=self.dtype)
+        return torch.stack(w13), torch.stack(w2)
+
+    def load_all_experts(self, module: torch.nn.Module, experts_of_layer: dict[int, list[int]] | None = None) -> None:
+        """Fill ``model.layers.L.mlp.experts.{w13,w2}`` of ``module`` (all experts unless a subset is given)."""
+        a = self.args
+        layers = a.moe_layers if experts_of_layer is None else sorted(experts_of_layer)
+        with self._bar(len(layers), "loading experts") as bar, torch.no_grad():
+            for layer in layers:
+                ids = range(a.n_routed_experts) if experts_of_layer is None else experts_of_layer[layer]
+                w13, w2 = self.load_experts(layer, ids)
+                experts = module.get_submodule(f"model.layers.{layer}.mlp.experts")
+                experts.w13.copy_(w13)
+                experts.w2.copy_(w2)
+                bar.update(1)
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, with_experts: bool = True):
+    """Build and load a :class:`~k2ray.model.model.KimiK2ForCausalLM` from a model directory."""
+    from k2ray.model.model import KimiK2ForCausalLM
+
+    args = ModelArgs.from_dir(model_dir)
+    with torch.device("meta"):
+        model = KimiK2ForCausalLM(args, with_experts=with_experts, dtype=dtype)
+    model = model.to_empty(device="cpu").to(dtype)
+    _restore_fp32_buffers(model)
+    loader = WeightLoader(model_dir, args, dtype)
+    loader.load_dense(model)
+    if with_experts:
+        loader.load_all_experts(model)
+    return model.eval()
+
+
+def _restore_fp32_buffers(model: torch.nn.Module) -> None:
+    """The gate's correction bias stays fp32 whatever the compute dtype (routing is done in fp32)."""
+    from k2ray.model.moe import Gate
+
+    for m in model.modules():
+        if isinstance(m, Gate):
+            m.e_score_correction_bias = m.e_score_correction_bias.float()

@@ -1,0 +1,176 @@
+"""``k2ray make-tiny``: a deterministic random-weight checkpoint in exactly the Kimi K2-Thinking format.
+
+Same tensor names, config keys and quantization block as the real model; INT4 pack-quantized routed experts, bf16
+everything else, fp32 ``e_score_correction_bias``; two safetensors shards plus the index; tokenizer files whose 256
+special tokens follow a small BPE vocabulary at the K2 offsets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from k2ray.checkpoint.int4 import pack_int4, quantize_int4
+
+TINY_BASE_VOCAB = 2048  # BPE tokens; the 256 K2 specials follow
+QUANTIZATION_CONFIG = {
+    "config_groups": {
+        "group_0": {
+            "input_activations": None,
+            "output_activations": None,
+            "targets": ["Linear"],
+            "weights": {
+                "actorder": None, "block_structure": None, "dynamic": False, "group_size": 32, "num_bits": 4,
+                "observer": "minmax", "observer_kwargs": {}, "strategy": "group", "symmetric": True, "type": "int",
+            },
+        }
+    },
+    "format": "pack-quantized",
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None,
+    "quant_method": "compressed-tensors",
+    "quantization_status": "compressed",
+}
+
+
+def tiny_config(base_vocab: int = TINY_BASE_VOCAB) -> dict:
+    """The DESIGN.md tiny shape with K2-Thinking's rope scaling, routing and special-token layout."""
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "kimi_k2",
+        "vocab_size": base_vocab + 256,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 32,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 8,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.827,
+        "q_lora_rank": 128,
+        "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "rope_theta": 50000.0,
+        "rope_scaling": {
+            "type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+        },
+        "max_position_embeddings": 262144,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001,
+        "ep_size": 1,
+        "num_nextn_predict_layers": 0,
+        "seq_aux": True,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "bos_token_id": base_vocab,
+        "eos_token_id": base_vocab + 2,  # <|im_end|>, as K2-Thinking
+        "pad_token_id": base_vocab + 255,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.56.2",
+        "quantization_config": QUANTIZATION_CONFIG,
+    }
+
+
+def random_state_dict(args, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Deterministic random fp32 weights for every tensor of the model (experts as stacked w13/w2)."""
+    from k2ray.model.model import KimiK2ForCausalLM
+
+    g = torch.Generator().manual_seed(seed)
+    model = KimiK2ForCausalLM(args)
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            sd[name] = 1.0 + 0.1 * torch.randn(t.shape, generator=g)
+        elif name.endswith("e_score_correction_bias"):
+            sd[name] = 0.01 * torch.randn(t.shape, generator=g)
+        else:
+            sd[name] = std * torch.randn(t.shape, generator=g)
+    return sd
+
+
+def write_checkpoint(out_dir: str | Path, config: dict, state: dict[str, torch.Tensor], num_shards: int = 2) -> None:
+    """Write ``state`` (model-format names, experts stacked as ``experts.w13/w2``) as a K2-format checkpoint."""
+    from k2ray.config import ModelArgs
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args = ModelArgs.from_dict(config)
+    i_dim = args.moe_intermediate_size
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name.endswith(".mlp.experts.w13") or name.endswith(".mlp.experts.w2"):
+            continue
+        dtype = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
+        tensors[name] = t.detach().to(dtype).contiguous()
+    for layer in args.moe_layers:
+        w13 = state[f"model.layers.{layer}.mlp.experts.w13"]
+        w2 = state[f"model.layers.{layer}.mlp.experts.w2"]
+        for e in range(args.n_routed_experts):
+            parts = {"gate_proj": w13[e, :i_dim], "up_proj": w13[e, i_dim:], "down_proj": w2[e]}
+            for proj, w in parts.items():
+                q, scale = quantize_int4(w.detach().float(), scale_dtype=torch.bfloat16)
+                base = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                tensors[base + ".weight_packed"] = pack_int4(q)
+                tensors[base + ".weight_scale"] = scale.contiguous()
+                tensors[base + ".weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int32)
+    # Split by layer so that each shard holds whole layers, as real releases do.
+    names = sorted(tensors, key=_layer_key)
+    per = -(-len(names) // num_shards)
+    weight_map = {}
+    for s in range(num_shards):
+        shard = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+        chunk = names[s * per : (s + 1) * per]
+        save_file({n: tensors[n] for n in chunk}, str(out / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in chunk})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": [config["bos_token_id"] + 1, config["bos_token_id"] + 2],
+        "pad_token_id": config["pad_token_id"],
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _layer_key(name: str) -> tuple[int, str]:
+    if name.startswith("model.embed_tokens"):
+        return (-1, name)
+    if name.startswith("model.layers."):
+        return (int(name.split(".")[2]), name)
+    return (10**9, name)
+
+
+def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the random-weight tiny checkpoint (deterministic for a given seed) and return its path."""
+    from k2ray.config import ModelArgs
+    from k2ray.tokenizer.tokenizer import write_tokenizer_files
+
+    config = tiny_config()
+    args = ModelArgs.from_dict(config)
+    write_checkpoint(out_dir, config, random_state_dict(args, seed))
+    write_tokenizer_files(out_dir)
+    return Path(out_dir)

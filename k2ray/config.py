@@ -1,0 +1,245 @@
+"""The one config model of k2ray: the model architecture parsed from a HuggingFace ``config.json``.
+
+Accepts ``model_type`` ``kimi_k2`` / ``deepseek_v3`` (flat) and ``kimi_k25`` (text model nested in ``text_config``,
+tensors prefixed ``language_model.``). Every key of the file must be known: a typo or an unsupported field is an error
+that names the field and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or field is invalid; the message names the file and the field."""
+
+
+class RopeScaling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["yarn", "deepseek_yarn"] = "yarn"
+    rope_type: Optional[str] = None
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    attention_factor: Optional[float] = None
+    truncate: bool = True
+
+
+class QuantArgs(BaseModel):
+    """What k2ray needs from ``quantization_config``: which format, bits and group size."""
+
+    model_config = ConfigDict(extra="allow")
+
+    quant_method: str
+    format: Optional[str] = None
+    num_bits: int = 4
+    group_size: int = 32
+    symmetric: bool = True
+    weight_block_size: Optional[list[int]] = None  # fp8 block quantization
+    ignore: list[str] = []
+
+
+# Keys that appear in real configs but do not change the inference math.
+_IGNORED_KEYS = {
+    "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "use_cache", "initializer_range",
+    "aux_loss_alpha", "seq_aux", "pretraining_tp", "attention_dropout", "ep_size", "num_nextn_predict_layers",
+    "hidden_act", "rope_interleave", "head_dim", "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias",
+    "moe_layer_freq", "model_type", "quantization_config", "_name_or_path", "tie_word_embeddings", "name_or_path",
+    "use_return_dict", "output_hidden_states", "output_attentions", "return_dict", "mlp_bias", "rope_parameters",
+}
+
+
+class ModelArgs(BaseModel):
+    """DeepSeek-V3 / Kimi K2 architecture."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_type: Literal["kimi_k2", "deepseek_v3"] = "kimi_k2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: Optional[int] = None
+    n_routed_experts: int
+    n_shared_experts: int = 1
+    num_experts_per_tok: int
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: Literal["noaux_tc"] = "noaux_tc"
+    scoring_func: Literal["sigmoid"] = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int | list[int]] = None
+    pad_token_id: Optional[int] = None
+    quantization: Optional[QuantArgs] = None
+    tensor_prefix: str = ""  # "language_model." for kimi_k25
+
+    @field_validator(
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "n_group", "topk_group",
+    )
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelArgs":
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}"
+            )
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError("qk_rope_head_dim must be even (rope rotates pairs)")
+        return self
+
+    # -- derived quantities --------------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Values cached per token per layer: the latent ``c_kv`` plus the shared rope key (576 for K2)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim and rs.factor > 1:
+            m = 0.1 * rs.mscale_all_dim * math.log(rs.factor) + 1.0
+            scale = scale * m * m
+        return scale
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    @property
+    def experts_int4(self) -> bool:
+        q = self.quantization
+        return q is not None and q.quant_method == "compressed-tensors"
+
+    # -- parsing ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelArgs":
+        raw = dict(raw)
+        prefix = ""
+        mtype = raw.get("model_type")
+        if mtype == "kimi_k25":
+            text = raw.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError(f"{source}: model_type kimi_k25 needs a 'text_config' object")
+            quant = raw.get("quantization_config", text.get("quantization_config"))
+            raw = dict(text)
+            if quant is not None:
+                raw["quantization_config"] = quant
+            prefix = "language_model."
+            mtype = raw.get("model_type", "kimi_k2")
+        if mtype not in ("kimi_k2", "deepseek_v3"):
+            raise ConfigError(
+                f"{source}: field 'model_type': unsupported value {mtype!r} (expected kimi_k2, deepseek_v3 or kimi_k25)"
+            )
+        fields = set(cls.model_fields)
+        known = fields | _IGNORED_KEYS | {"text_config", "vision_config"}
+        unknown = sorted(k for k in raw if k not in known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
+        kwargs = {k: v for k, v in raw.items() if k in fields}
+        kwargs["model_type"] = mtype
+        kwargs["tensor_prefix"] = prefix
+        if raw.get("quantization_config") is not None:
+            kwargs["quantization"] = _parse_quant(raw["quantization_config"], source)
+        try:
+            return cls(**kwargs)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+            raise ConfigError(f"{source}: field {loc!r}: {err['msg']}") from None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelArgs":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config.json in model directory")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(raw, str(path))
+
+
+def _parse_quant(q: Any, source: str) -> QuantArgs:
+    if not isinstance(q, dict) or "quant_method" not in q:
+        raise ConfigError(f"{source}: field 'quantization_config': expected an object with 'quant_method'")
+    method = q["quant_method"]
+    if method == "compressed-tensors":
+        fmt = q.get("format")
+        if fmt != "pack-quantized":
+            raise ConfigError(
+                f"{source}: field 'quantization_config.format': unsupported compressed-tensors format {fmt!r} "
+                "(k2ray reads pack-quantized)"
+            )
+        groups = q.get("config_groups") or {}
+        if len(groups) != 1:
+            raise ConfigError(f"{source}: field 'quantization_config.config_groups': expected exactly one group")
+        weights = next(iter(groups.values())).get("weights") or {}
+        if weights.get("num_bits") != 4 or weights.get("type", "int") != "int" or not weights.get("symmetric", True):
+            raise ConfigError(
+                f"{source}: field 'quantization_config.config_groups.weights': only symmetric int4 is supported, "
+                f"got num_bits={weights.get('num_bits')} type={weights.get('type')} symmetric={weights.get('symmetric')}"
+            )
+        if weights.get("strategy", "group") != "group":
+            raise ConfigError(f"{source}: field 'quantization_config...weights.strategy': only 'group' is supported")
+        return QuantArgs(
+            quant_method=method, format=fmt, num_bits=4, group_size=int(weights.get("group_size", 32)),
+            symmetric=True, ignore=list(q.get("ignore", [])),
+        )
+    if method == "fp8":
+        block = q.get("weight_block_size", [128, 128])
+        if q.get("fmt", "e4m3") != "e4m3":
+            raise ConfigError(f"{source}: field 'quantization_config.fmt': only e4m3 is supported")
+        return QuantArgs(quant_method=method, format="fp8", weight_block_size=list(block))
+    raise ConfigError(f"{source}: field 'quantization_config.quant_method': unsupported quantization {method!r}")

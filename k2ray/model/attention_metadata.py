@@ -1,0 +1,58 @@
+"""How a flat batch of new tokens maps onto sequences and the paged latent cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's share of a step: ``q_len`` new tokens at ``[q_start, q_start + q_len)`` of the flat batch.
+
+    ``ctx_len`` counts every token of the sequence after this step (cached + new); the new tokens sit at positions
+    ``ctx_len - q_len .. ctx_len - 1``. ``block_table`` lists the cache blocks that hold positions in order.
+    """
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_table: torch.Tensor | None = None  # int64 [num_blocks_of_seq]
+
+
+@dataclass
+class AttentionMetadata:
+    seqs: list[SeqSlice]
+    slot_mapping: torch.Tensor | None = None  # int64 [num_tokens]: cache slot (block * block_size + offset)
+    block_size: int = 16
+    # Filled lazily for the batched decode path (all q_len == 1).
+    _decode: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.q_len for s in self.seqs)
+
+    @classmethod
+    def prefill_only(cls, lengths: list[int]) -> "AttentionMetadata":
+        """No cache: each sequence attends to its own tokens only (full recomputation, training, reference tests)."""
+        seqs, start = [], 0
+        for n in lengths:
+            seqs.append(SeqSlice(q_start=start, q_len=n, ctx_len=n))
+            start += n
+        return cls(seqs=seqs)
+
+    def decode_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``block_tables [B, max_blocks]`` and ``context_lens [B]`` (int32) for the batched decode path."""
+        if "bt" not in self._decode:
+            width = max(len(s.block_table) for s in self.seqs)
+            bt = torch.zeros(len(self.seqs), width, dtype=torch.int32)
+            for i, s in enumerate(self.seqs):
+                bt[i, : len(s.block_table)] = s.block_table.to(torch.int32)
+            lens = torch.tensor([s.ctx_len for s in self.seqs], dtype=torch.int32)
+            self._decode["bt"], self._decode["lens"] = bt.to(device), lens.to(device)
+        return self._decode["bt"], self._decode["lens"]
+
+    @property
+    def all_decode(self) -> bool:
+        return bool(self.seqs) and all(s.q_len == 1 and s.block_table is not None for s in self.seqs)

@@ -1,0 +1,115 @@
+"""Multi-head Latent Attention over a paged latent cache.
+
+Per token and layer the cache holds the RMS-normed latent ``c_kv`` (kv_lora_rank values) followed by the roped
+shared key (qk_rope_head_dim values). Prefill expands the latent with ``kv_b_proj`` (naive form); decode absorbs
+``kv_b_proj`` into the query and the output so attention runs on the latent directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from k2ray.config import ModelArgs
+from k2ray.model.attention_metadata import AttentionMetadata
+from k2ray.model.layers import RMSNorm
+from k2ray.model.rope import RotaryEmbedding
+
+
+def gather_latents(kv_cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
+    """The first ``ctx_len`` cached latents of one sequence: ``[ctx_len, kv_cache_dim]``."""
+    block_size = kv_cache.shape[1]
+    pos = torch.arange(ctx_len, device=kv_cache.device)
+    slots = block_table.to(kv_cache.device)[pos // block_size] * block_size + pos % block_size
+    return kv_cache.view(-1, kv_cache.shape[-1])[slots]
+
+
+class MLAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads = args.num_attention_heads
+        self.nope, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        self.q_lora_rank = args.q_lora_rank
+        qk = args.qk_head_dim
+        if args.q_lora_rank:
+            self.q_a_proj = nn.Linear(args.hidden_size, args.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+            self.q_b_proj = nn.Linear(args.q_lora_rank, self.num_heads * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(args.hidden_size, self.num_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(args.hidden_size, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(args.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, args.hidden_size, bias=False)
+        self.scale = args.softmax_scale
+
+    # -- projections -----------------------------------------------------------------------------------------
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK [heads, nope, latent]`` and ``W_UV [heads, v, latent]`` views of ``kv_b_proj``."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.view(n, self.num_heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        cos, sin = cos_sin
+        q_pe = rope.apply(q_pe, cos, sin)
+        k_pe = rope.apply(k_pe.unsqueeze(1), cos, sin).squeeze(1)
+        latent = torch.cat([c_kv, k_pe], dim=-1)
+        if kv_cache is not None:
+            kv_cache.view(-1, kv_cache.shape[-1])[meta.slot_mapping] = latent.to(kv_cache.dtype)
+
+        if kv_cache is not None and meta.all_decode:
+            out = self._decode(q_nope, q_pe, kv_cache, meta)
+        else:
+            out = x.new_empty(n, self.num_heads, self.v_dim)
+            for s in meta.seqs:
+                sl = slice(s.q_start, s.q_start + s.q_len)
+                if kv_cache is None:
+                    if s.ctx_len != s.q_len:
+                        raise ValueError("attention without a cache needs ctx_len == q_len")
+                    lat = latent[sl]
+                else:
+                    lat = gather_latents(kv_cache, s.block_table, s.ctx_len).to(x.dtype)
+                out[sl] = self._prefill(q_nope[sl], q_pe[sl], lat, s.ctx_len - s.q_len)
+        return self.o_proj(out.reshape(n, self.num_heads * self.v_dim))
+
+    def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, offset: int) -> torch.Tensor:
+        """Naive MLA: expand the latent to per-head keys/values. ``offset`` = cached tokens before the first query."""
+        t = lat.shape[0]
+        kv = self.kv_b_proj(lat[:, : self.kv_lora_rank]).view(t, self.num_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k_pe = lat[:, self.kv_lora_rank :]
+        scores = torch.einsum("qhd,khd->hqk", q_nope, k_nope) + torch.einsum("qhr,kr->hqk", q_pe, k_pe)
+        scores = scores * self.scale
+        qpos = torch.arange(q_nope.shape[0], device=lat.device).unsqueeze(1) + offset
+        causal = torch.arange(t, device=lat.device).unsqueeze(0) <= qpos
+        scores = scores.masked_fill(~causal, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        return torch.einsum("hqk,khd->qhd", probs, v)
+
+    def _decode(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Absorbed MLA for one new token per sequence, batched over sequences."""
+        from k2ray.kernels import mla_decode
+
+        w_uk, w_uv = self._absorbed_weights()
+        q_latent = torch.einsum("bhn,hnl->bhl", q_nope, w_uk)
+        block_tables, context_lens = meta.decode_tensors(q_nope.device)
+        out_latent = mla_decode(
+            q_latent.to(kv_cache.dtype), q_pe.to(kv_cache.dtype), kv_cache, block_tables, context_lens, self.scale
+        ).to(q_nope.dtype)
+        return torch.einsum("bhl,hvl->bhv", out_latent, w_uv)

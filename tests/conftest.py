@@ -1,0 +1,31 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_dir(tmp_path_factory):
+    """A random-weight tiny K2 checkpoint (weights + config only)."""
+    from k2ray.checkpoint.tiny import random_state_dict, tiny_config, write_checkpoint
+    from k2ray.config import ModelArgs
+
+    d = tmp_path_factory.mktemp("tiny-weights")
+    cfg = tiny_config()
+    write_checkpoint(d, cfg, random_state_dict(ModelArgs.from_dict(cfg), seed=0))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The full tiny checkpoint as `k2ray make-tiny` writes it (weights + tokenizer + chat template)."""
+    from k2ray.checkpoint.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("k2ray-tiny"), seed=0)
