@@ -243,3 +243,102 @@ def _parse_quant(q: Any, source: str) -> QuantArgs:
             raise ConfigError(f"{source}: field 'quantization_config.fmt': only e4m3 is supported")
         return QuantArgs(quant_method=method, format="fp8", weight_block_size=list(block))
     raise ConfigError(f"{source}: field 'quantization_config.quant_method': unsupported quantization {method!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runtime configuration: how a model group is laid out and how its engine batches.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ParallelConfig(BaseModel):
+    """Layout of one model group: A attention workers (data-parallel attention) and E expert shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal["local", "ray"] = "local"
+    attention_workers: int = 1
+    expert_shards: int = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    gpus_per_worker: float = 0.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    redundant_experts: int = 0  # extra physical copies of the hottest experts (spread over shards)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    collective_timeout_s: float = 60.0  # a stalled collective fails the step after this long
+
+    @field_validator("attention_workers", "expert_shards")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("gpus_per_worker", "redundant_experts")
+    @classmethod
+    def _non_negative(cls, v):
+        if v < 0:
+            raise ValueError("must not be negative")
+        return v
+
+    @model_validator(mode="after")
+    def _device_backend(self) -> "ParallelConfig":
+        if self.backend == "nccl" and self.device != "cuda":
+            raise ValueError("backend 'nccl' needs device 'cuda'")
+        if self.device == "cuda" and self.gpus_per_worker <= 0:
+            raise ValueError("device 'cuda' needs gpus_per_worker > 0")
+        return self
+
+    @property
+    def collective_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.device == "cuda" else "gloo"
+
+    def check_against(self, args: ModelArgs) -> None:
+        """Validate the layout against the model (e.g. more shards than experts)."""
+        if self.expert_shards > args.n_routed_experts:
+            raise ConfigError(
+                f"parallel.expert_shards={self.expert_shards} exceeds the model's n_routed_experts="
+                f"{args.n_routed_experts}"
+            )
+
+
+class EngineConfig(BaseModel):
+    """Continuous-batching limits and the paged latent cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None  # per attention worker; derived from kv_cache_memory_gb when unset
+    kv_cache_memory_gb: float = 0.25
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: Optional[int] = None  # defaults to min(max_position_embeddings, cache capacity)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    @field_validator("block_size", "max_num_seqs", "max_num_batched_tokens")
+    @classmethod
+    def _positive_int(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @field_validator("num_kv_blocks", "max_model_len")
+    @classmethod
+    def _positive_opt(cls, v):
+        if v is not None and v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    def kv_blocks_for(self, args: ModelArgs) -> int:
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        bytes_per_block = self.block_size * args.kv_cache_dim * args.num_hidden_layers * self.torch_dtype.itemsize
+        return max(1, int(self.kv_cache_memory_gb * (1 << 30)) // bytes_per_block)

@@ -1,0 +1,57 @@
+"""The contract between the engine (scheduler, block tables) and whatever runs the model.
+
+Per step the engine hands the executor a :class:`StepInput`; the executor runs the model on every sequence's new
+tokens (writing their latents into the paged cache of the attention partition that owns the sequence) and samples one
+token for each sequence that asked for it. The local executor runs it in-process; the Ray executor splits it by
+partition over the attention workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from k2ray.config import ModelArgs
+from k2ray.engine.sampling import Sample, SampleRequest
+
+
+@dataclass
+class SeqWork:
+    seq_id: int
+    token_ids: list[int]  # new tokens to run this step
+    start_pos: int  # position of token_ids[0]; tokens before it are already in the cache
+    block_table: list[int]  # cache blocks covering positions [0, start_pos + len(token_ids))
+    partition: int = 0  # attention worker that owns this sequence's cache
+    sample: Optional[SampleRequest] = None  # set when a token is to be sampled after the last new token
+    prompt_logprobs: Optional[int] = None  # also return logprobs of the prompt tokens of this chunk
+    next_prompt_token: Optional[int] = None  # token after this chunk when the prompt continues (for prompt_logprobs)
+
+
+@dataclass
+class StepInput:
+    seqs: list[SeqWork]
+
+
+@dataclass
+class SeqResult:
+    seq_id: int
+    sample: Optional[Sample] = None
+    # For each prompt token after the first in this chunk: (logprob, top alternatives).
+    prompt_logprobs: Optional[list[tuple[float, list[tuple[int, float]]]]] = None
+
+
+@dataclass
+class StepOutput:
+    results: dict[int, SeqResult] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # executor-specific timings/counters for metrics
+
+
+class Executor(Protocol):
+    args: ModelArgs
+    num_partitions: int  # attention workers; each owns its own cache blocks
+    num_kv_blocks: int  # per partition
+    block_size: int
+
+    def execute(self, step: StepInput) -> StepOutput: ...
+
+    def shutdown(self) -> None: ...

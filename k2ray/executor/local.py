@@ -1,0 +1,29 @@
+"""The whole model in this process: one attention partition, all routed experts local."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from k2ray.checkpoint.loader import load_model
+from k2ray.config import EngineConfig, ModelArgs
+from k2ray.executor.base import StepInput, StepOutput
+from k2ray.executor.runner import ModelRunner
+
+
+class LocalExecutor:
+    num_partitions = 1
+
+    def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None, device: str = "cpu"):
+        engine = engine or EngineConfig()
+        self.args = ModelArgs.from_dir(model_dir)
+        self.block_size = engine.block_size
+        self.num_kv_blocks = engine.kv_blocks_for(self.args)
+        model = load_model(model_dir, dtype=engine.torch_dtype).to(device)
+        self.runner = ModelRunner(model, self.num_kv_blocks, engine.block_size, engine.torch_dtype, device)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        results = self.runner.execute(step.seqs)
+        return StepOutput(results={r.seq_id: r for r in results})
+
+    def shutdown(self) -> None:
+        self.runner = None

@@ -1,0 +1,82 @@
+"""Runs one attention partition's share of a step: flatten, forward through the paged cache, sample.
+
+Shared by the local executor and the Ray attention worker, so both run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from k2ray.engine.sampling import sample
+from k2ray.executor.base import SeqResult, SeqWork
+from k2ray.model.attention_metadata import AttentionMetadata, SeqSlice
+from k2ray.model.model import KimiK2ForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: KimiK2ForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"):
+        self.model = model
+        self.block_size = block_size
+        self.device = torch.device(device)
+        a = model.args
+        self.kv_caches = [
+            torch.zeros(num_blocks, block_size, a.kv_cache_dim, dtype=dtype, device=self.device)
+            for _ in range(a.num_hidden_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[SeqWork]) -> list[SeqResult]:
+        ids, positions, slots, slices = [], [], [], []
+        bs = self.block_size
+        for s in seqs:
+            n = len(s.token_ids)
+            if n == 0:
+                raise ValueError(f"sequence {s.seq_id}: empty step")
+            ctx = s.start_pos + n
+            if len(s.block_table) * bs < ctx:
+                raise ValueError(f"sequence {s.seq_id}: {len(s.block_table)} blocks cannot hold {ctx} tokens")
+            table = torch.tensor(s.block_table, dtype=torch.long)
+            pos = torch.arange(s.start_pos, ctx)
+            slices.append(SeqSlice(q_start=len(ids), q_len=n, ctx_len=ctx, block_table=table))
+            ids.extend(s.token_ids)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+        dev = self.device
+        if seqs:
+            input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+            pos_t = torch.cat(positions).to(dev)
+            slot_t = torch.cat(slots).to(dev)
+        else:  # still run: expert parallelism needs every worker in every collective
+            input_ids = torch.empty(0, dtype=torch.long, device=dev)
+            pos_t = torch.empty(0, dtype=torch.long, device=dev)
+            slot_t = torch.empty(0, dtype=torch.long, device=dev)
+        meta = AttentionMetadata(seqs=slices, slot_mapping=slot_t, block_size=bs)
+        hidden = self.model(input_ids, pos_t, meta, self.kv_caches)
+
+        results = [SeqResult(seq_id=s.seq_id) for s in seqs]
+        rows = [sl.q_start + sl.q_len - 1 for s, sl in zip(seqs, slices) if s.sample is not None]
+        if rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+            samples = iter(sample(logits, [s.sample for s in seqs if s.sample is not None]))
+            for s, r in zip(seqs, results):
+                if s.sample is not None:
+                    r.sample = next(samples)
+        for s, sl, r in zip(seqs, slices, results):
+            if s.prompt_logprobs is not None:
+                r.prompt_logprobs = self._prompt_logprobs(hidden[sl.q_start : sl.q_start + sl.q_len], s)
+        return results
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, s: SeqWork):
+        targets = list(s.token_ids[1:]) + ([s.next_prompt_token] if s.next_prompt_token is not None else [])
+        if not targets:
+            return []
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[: len(targets)]).float(), dim=-1)
+        k = s.prompt_logprobs or 0
+        out = []
+        for row, t in zip(logprobs, targets):
+            top = []
+            if k:
+                vals, idx = torch.topk(row, k)
+                top = list(zip(idx.tolist(), vals.tolist()))
+            out.append((float(row[t]), top))
+        return out
