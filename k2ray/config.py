@@ -260,6 +260,7 @@ class ParallelConfig(BaseModel):
     expert_shards: int = 1
     device: Literal["cpu", "cuda"] = "cpu"
     gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     redundant_experts: int = 0  # extra physical copies of the hottest experts (spread over shards)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -272,7 +273,7 @@ class ParallelConfig(BaseModel):
             raise ValueError("must be at least 1")
         return v
 
-    @field_validator("gpus_per_worker", "redundant_experts")
+    @field_validator("gpus_per_worker", "cpus_per_worker", "redundant_experts")
     @classmethod
     def _non_negative(cls, v):
         if v < 0:
@@ -342,3 +343,27 @@ class EngineConfig(BaseModel):
             return self.num_kv_blocks
         bytes_per_block = self.block_size * args.kv_cache_dim * args.num_hidden_layers * self.torch_dtype.itemsize
         return max(1, int(self.kv_cache_memory_gb * (1 << 30)) // bytes_per_block)
+
+
+class ServeArgs(BaseModel):
+    """Application args of the Ray Serve app (``deploy/*.yaml`` ``args:``, the Helm chart's ``serveConfigV2``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "k2ray-tiny"  # a model directory, or a built-in name: k2ray-tiny (made on first use), k2ray-demo
+    served_model_name: Optional[str] = None  # defaults to the model's directory name
+    engine: EngineConfig = EngineConfig()
+    parallel: ParallelConfig = ParallelConfig(executor="ray")
+    api_keys: list[str] = []  # empty: no authentication
+    max_queued_requests: int = 256  # per router replica; beyond it requests get 503 at once
+    enable_auto_tool_choice: bool = True
+    enable_reasoning: bool = True  # split <think>…</think> into reasoning_content
+    default_chat_template_kwargs: dict[str, Any] = {}
+    max_request_bytes: int = 4 << 20
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
