@@ -363,7 +363,11 @@ def build_corpus(seed: int = SEED, n_dialogs: int = 2400) -> str:
         docs.append("tool_declare\n" + json.dumps(tools, separators=(",", ":")))
         docs.append(json.dumps(tools, indent=2))
     for _ in range(n_dialogs):
-        lines = ["system", rng.choice(SYSTEM_PROMPTS)]
+        lines = []
+        if rng.random() < 0.5:
+            tools = rng.choice([[WEATHER_TOOL], [CALCULATOR_TOOL], [WEATHER_TOOL, CALCULATOR_TOOL], [SEARCH_TOOL]])
+            lines += ["tool_declare", json.dumps(tools, separators=(",", ":"))]
+        lines += ["system", rng.choice(SYSTEM_PROMPTS)]
         call_idx = 0
         for _ in range(rng.randint(1, 4)):
             kind = rng.random()
