@@ -1,0 +1,177 @@
+"""All-to-all token dispatch and combine between attention workers and expert shards.
+
+Per MoE layer an attention worker sends each token at most once to each expert shard, together with the shard-local
+slots of the token's top-k experts held there (-1 elsewhere) and the routing weights; the shard runs its experts and
+returns one weighted partial sum per received row; the attention worker adds the partial sums of all shards.
+
+Two wire modes, chosen from the layout so both sides agree without talking:
+- ``padded`` (expert_shards <= top_k, where a token reaches most shards anyway): every token goes to every shard,
+  so the receive sizes follow from the per-worker token counts the router hands out with the step — no count
+  exchange, two collectives per layer (dispatch, combine).
+- ``counts``: only tokens with an expert on the shard travel; the per-peer row counts go first (three collectives).
+Rows travel as raw bytes (hidden states in the model dtype, int32 slots, fp32 weights) in one tensor, so a dispatch
+is one collective whatever the dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from k2ray.parallel.groups import GroupLayout
+from k2ray.parallel.placement import ExpertPlacement
+
+
+def wire_mode(layout: GroupLayout, top_k: int) -> str:
+    return "padded" if layout.expert_shards <= top_k else "counts"
+
+
+def pack_rows(hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    parts = [hidden, slots.to(torch.int32), weights.to(torch.float32)]
+    return torch.cat([_as_bytes(p) for p in parts], dim=1)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``[rows, n]`` of any dtype -> ``[rows, n * itemsize]`` uint8 (same memory)."""
+    return t.contiguous().view(torch.uint8).reshape(t.shape[0], t.shape[1] * t.element_size())
+
+
+def unpack_rows(buf: torch.Tensor, hidden_size: int, top_k: int, dtype: torch.dtype):
+    hb = hidden_size * dtype.itemsize
+    hidden = buf[:, :hb].contiguous().view(dtype)
+    slots = buf[:, hb : hb + 4 * top_k].contiguous().view(torch.int32)
+    weights = buf[:, hb + 4 * top_k :].contiguous().view(torch.float32)
+    return hidden, slots, weights
+
+
+def _a2a(send: torch.Tensor, in_splits: list[int], out_splits: list[int], group=None) -> torch.Tensor:
+    recv = send.new_empty((sum(out_splits),) + tuple(send.shape[1:]))
+    dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+    return recv
+
+
+def _a2a_bytes(t: torch.Tensor, in_splits: list[int], out_splits: list[int], group=None) -> torch.Tensor:
+    """All-to-all of a 2-D tensor of any dtype, carried as bytes (gloo lacks some dtypes, e.g. bf16)."""
+    return _a2a(_as_bytes(t), in_splits, out_splits, group).view(t.dtype)
+
+
+class DispatchStats:
+    def __init__(self):
+        self.dispatch_s = 0.0
+        self.combine_s = 0.0
+        self.layers = 0
+
+    def take(self) -> dict:
+        d = {"dispatch_s": self.dispatch_s, "combine_s": self.combine_s, "moe_layers": self.layers}
+        self.dispatch_s = self.combine_s = 0.0
+        self.layers = 0
+        return d
+
+
+class DispatchClient:
+    """Attention-worker side. Install with ``MoE.set_routed(client)`` on every MoE layer; call :meth:`begin_step`
+    with every attention worker's token count before each forward."""
+
+    def __init__(
+        self,
+        layout: GroupLayout,
+        worker: int,
+        placement: ExpertPlacement,
+        hidden_size: int,
+        top_k: int,
+        group=None,
+    ):
+        self.layout, self.worker, self.placement = layout, worker, placement
+        self.hidden_size, self.top_k, self.group = hidden_size, top_k, group
+        self.mode = wire_mode(layout, top_k)
+        self.tables = placement.lookup_tensors()
+        self.tokens_per_worker: list[int] | None = None
+        self.stats = DispatchStats()
+
+    def begin_step(self, tokens_per_worker: list[int]) -> None:
+        self.tokens_per_worker = list(tokens_per_worker)
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        a, e = self.layout.attention_workers, self.layout.expert_shards
+        t = x.shape[0]
+        if self.tokens_per_worker is None or self.tokens_per_worker[self.worker] != t:
+            raise RuntimeError("DispatchClient: begin_step() was not called with this worker's token count")
+        shard, slot = self.placement.route(topk_ids, self.tables)
+        rows, token_of = [], []
+        for s in range(e):
+            on_s = shard == s
+            slots_s = torch.where(on_s, slot, torch.full_like(slot, -1))
+            if self.mode == "padded":
+                tok = torch.arange(t)
+            else:
+                tok = torch.nonzero(on_s.any(dim=1)).flatten()
+            rows.append(pack_rows(x[tok], slots_s[tok], topk_weights[tok]))
+            token_of.append(tok)
+        send = torch.cat(rows) if rows else x.new_empty(0, 0, dtype=torch.uint8)
+        counts = [len(tk) for tk in token_of]
+        t0 = time.perf_counter()
+        if self.mode == "counts":
+            _a2a(torch.tensor([0] * a + counts, dtype=torch.int64), [1] * (a + e), [1] * (a + e), self.group)
+        send_splits = [0] * a + counts
+        _a2a(send, send_splits, [0] * (a + e), self.group)
+        t1 = time.perf_counter()
+        back = _a2a_bytes(x.new_empty(0, self.hidden_size), [0] * (a + e), send_splits, self.group)
+        t2 = time.perf_counter()
+        self.stats.dispatch_s += t1 - t0
+        self.stats.combine_s += t2 - t1
+        self.stats.layers += 1
+        out = torch.zeros(t, self.hidden_size, dtype=torch.float32)
+        out.index_add_(0, torch.cat(token_of), back.float())
+        return out.to(x.dtype)
+
+
+class ExpertServer:
+    """Expert-shard side: per step, for each MoE layer in order, receive rows, run local experts, send results."""
+
+    def __init__(
+        self,
+        layout: GroupLayout,
+        shard: int,
+        experts: list[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]],
+        hidden_size: int,
+        top_k: int,
+        dtype: torch.dtype,
+        num_local: int,
+        group=None,
+    ):
+        self.layout, self.shard, self.experts = layout, shard, experts
+        self.hidden_size, self.top_k, self.dtype, self.group = hidden_size, top_k, dtype, group
+        self.mode = wire_mode(layout, top_k)
+        self.num_local = num_local
+        self.stats = DispatchStats()
+
+    def run_step(self, tokens_per_worker: list[int]) -> dict:
+        a, e = self.layout.attention_workers, self.layout.expert_shards
+        width = self.hidden_size * self.dtype.itemsize + 8 * self.top_k
+        load = torch.zeros(self.num_local, dtype=torch.int64)
+        for layer_experts in self.experts:
+            t0 = time.perf_counter()
+            if self.mode == "counts":
+                got = _a2a(torch.zeros(a + e, dtype=torch.int64), [1] * (a + e), [1] * (a + e), self.group)
+                recv_splits = got.tolist()
+            else:
+                recv_splits = list(tokens_per_worker) + [0] * e
+            buf = _a2a(torch.empty(0, width, dtype=torch.uint8), [0] * (a + e), recv_splits, self.group)
+            t1 = time.perf_counter()
+            hidden, slots, weights = unpack_rows(buf, self.hidden_size, self.top_k, self.dtype)
+            out = layer_experts(hidden, slots.long(), weights)
+            valid = slots[slots >= 0].long()
+            if valid.numel():
+                load += torch.bincount(valid, minlength=self.num_local)
+            t2 = time.perf_counter()
+            _a2a_bytes(out, recv_splits, [0] * (a + e), self.group)
+            t3 = time.perf_counter()
+            self.stats.dispatch_s += t1 - t0
+            self.stats.combine_s += t3 - t2
+            self.stats.layers += 1
+        d = self.stats.take()
+        d["expert_tokens"] = load.tolist()
+        return d
