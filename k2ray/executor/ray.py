@@ -1,0 +1,214 @@
+"""The Ray executor: one model group = A attention workers + E expert shards in one placement group.
+
+The object that owns it (``LLM`` in-process, or the K2Router Serve replica) drives the step loop: per step one Ray
+call per worker (the sequence split by partition, plus every worker's token count); tensors between workers travel
+only through the group's collectives. Any failure — a dead actor, a stalled collective — tears the group down and
+raises :class:`ExecutorError` within ``collective_timeout_s``; :meth:`RayExecutor.rebuild` starts a fresh group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from k2ray.config import EngineConfig, ModelArgs, ParallelConfig
+from k2ray.executor.base import StepInput, StepOutput
+from k2ray.parallel.groups import GroupLayout
+from k2ray.parallel.placement import ExpertPlacement
+from k2ray.workers.attention import AttentionWorker
+from k2ray.workers.experts import ExpertShard
+
+log = logging.getLogger(__name__)
+
+_RemoteAttention = ray.remote(AttentionWorker)
+_RemoteShard = ray.remote(ExpertShard)
+
+
+class ExecutorError(RuntimeError):
+    """The model group failed (a worker died or a collective stalled); in-flight steps are lost."""
+
+
+class RayExecutor:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        engine: EngineConfig | None = None,
+        parallel: ParallelConfig | None = None,
+        placement_group: PlacementGroup | None = None,
+        bundle_offset: int = 0,
+        ready_timeout_s: float = 300.0,
+    ):
+        self.model_dir = str(model_dir)
+        self.engine = engine or EngineConfig()
+        self.parallel = parallel or ParallelConfig(executor="ray")
+        self.args = ModelArgs.from_dir(model_dir)
+        self.parallel.check_against(self.args)
+        self.layout = GroupLayout(self.parallel.attention_workers, self.parallel.expert_shards)
+        self.placement = ExpertPlacement.contiguous(
+            self.args.n_routed_experts, self.parallel.expert_shards, self.parallel.redundant_experts
+        )
+        self.num_partitions = self.layout.attention_workers
+        self.block_size = self.engine.block_size
+        self.num_kv_blocks = self.engine.kv_blocks_for(self.args)
+        self._external_pg = placement_group
+        self._bundle_offset = bundle_offset if placement_group is not None else 0
+        self._ready_timeout_s = ready_timeout_s
+        self.failed: str | None = None
+        self._start()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def _bundle(self) -> dict:
+        p = self.parallel
+        b = {"CPU": p.cpus_per_worker} if p.cpus_per_worker else {}
+        if p.gpus_per_worker:
+            b["GPU"] = p.gpus_per_worker
+        return b or {"CPU": 0.01}
+
+    def _start(self) -> None:
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+        p, n = self.parallel, self.layout.world_size
+        if self._external_pg is None:
+            self.pg = placement_group([self._bundle()] * n, strategy=p.placement_strategy)
+            ready, _ = ray.wait([self.pg.ready()], timeout=self._ready_timeout_s)
+            if not ready:
+                remove_placement_group(self.pg)
+                raise ExecutorError(
+                    f"cannot reserve {n} bundles of {self._bundle()} (attention_workers={p.attention_workers} + "
+                    f"expert_shards={p.expert_shards}); cluster resources: {ray.cluster_resources()}"
+                )
+        else:
+            self.pg = self._external_pg
+        threads = max(1, int(p.cpus_per_worker))
+
+        def opts(i):
+            return dict(
+                num_cpus=p.cpus_per_worker,
+                num_gpus=p.gpus_per_worker,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=self._bundle_offset + i
+                ),
+            )
+
+        self.attention = [
+            _RemoteAttention.options(**opts(i)).remote(
+                self.model_dir, self.engine, self.layout, i, self.placement, p.device, threads
+            )
+            for i in range(self.layout.attention_workers)
+        ]
+        self.shards = [
+            _RemoteShard.options(**opts(self.layout.attention_workers + s)).remote(
+                self.model_dir, self.engine.torch_dtype, self.layout, s, list(self.placement.shard_experts[s]),
+                p.device, threads,
+            )
+            for s in range(self.layout.expert_shards)
+        ]
+        t0 = time.perf_counter()
+        infos = self._get([w.ready.remote() for w in self.workers], self._ready_timeout_s, "loading weights")
+        self.worker_info = infos
+        address, port = self._get([self.attention[0].rendezvous.remote()], 60, "rendezvous")[0]
+        timeout = p.collective_timeout_s
+        self._get(
+            [w.join_group.remote(p.collective_backend, address, port, timeout) for w in self.workers],
+            timeout + 30,
+            "joining the process group",
+        )
+        self.failed = None
+        log.info("model group ready in %.1fs: %s", time.perf_counter() - t0, self.describe())
+
+    @property
+    def workers(self) -> list:
+        return self.attention + self.shards
+
+    def describe(self) -> dict:
+        p = self.parallel
+        return {
+            "attention_workers": [
+                {"rank": i, "node_ip": info.get("node_ip")} for i, info in enumerate(self.worker_info[: p.attention_workers])
+            ],
+            "expert_shards": [
+                {"shard": s, "node_ip": info.get("node_ip"), "experts": info.get("experts")}
+                for s, info in enumerate(self.worker_info[p.attention_workers :])
+            ],
+            "backend": p.collective_backend,
+        }
+
+    def _teardown(self) -> None:
+        for w in getattr(self, "attention", []) + getattr(self, "shards", []):
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:
+                pass
+        self.attention, self.shards = [], []
+
+    def shutdown(self) -> None:
+        self._teardown()
+        if self._external_pg is None and getattr(self, "pg", None) is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+
+    def rebuild(self) -> None:
+        """Replace every actor of the group (new processes, new process group, weights reloaded)."""
+        self._teardown()
+        self._start()
+
+    # -- stepping -----------------------------------------------------------------------------------------------
+    def _get(self, refs: list, timeout_s: float, what: str) -> list:
+        """Wait for all refs; the first error or the deadline fails the whole group (no hang)."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(refs)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._fail(f"model group: {what} did not finish within {timeout_s:.0f}s")
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for r in ready:
+                try:
+                    ray.get(r)
+                except Exception as e:  # RayActorError, a worker exception, ...
+                    self._fail(f"model group: {what} failed: {_short(e)}")
+        return ray.get(list(refs))
+
+    def _fail(self, msg: str):
+        self.failed = msg
+        log.error(msg)
+        self._teardown()
+        raise ExecutorError(msg)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        if self.failed:
+            raise ExecutorError(self.failed)
+        parts = [[] for _ in range(self.num_partitions)]
+        for s in step.seqs:
+            parts[s.partition].append(s)
+        counts = [sum(len(s.token_ids) for s in part) for part in parts]
+        refs = [w.execute.remote(part, counts) for w, part in zip(self.attention, parts)]
+        refs += [s.step.remote(counts) for s in self.shards]
+        out = self._get(refs, self.parallel.collective_timeout_s + 10, "step")
+        results = {}
+        stats = {"dispatch_s": 0.0, "combine_s": 0.0, "expert_tokens": {}}
+        for res, st in out[: self.num_partitions]:
+            results.update({r.seq_id: r for r in res})
+            stats["dispatch_s"] += st["dispatch_s"]
+            stats["combine_s"] += st["combine_s"]
+        for s, st in enumerate(out[self.num_partitions :]):
+            for slot, n in enumerate(st["expert_tokens"]):
+                if n:
+                    e = self.placement.shard_experts[s][slot]
+                    stats["expert_tokens"][(e, s)] = stats["expert_tokens"].get((e, s), 0) + n
+        return StepOutput(results=results, stats=stats)
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    first = next((line for line in text if line.strip()), type(e).__name__)
+    return f"{type(e).__name__}: {first[:300]}"

@@ -1,0 +1,57 @@
+"""AttentionWorker: embedding, every layer's MLA + latent cache, dense layer, shared experts, gate, lm_head, sampling.
+
+Holds no routed experts: each MoE layer's routed part is a :class:`DispatchClient` that exchanges tokens with the
+expert shards over the group's process group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from k2ray.checkpoint.loader import load_model
+from k2ray.config import EngineConfig, ModelArgs
+from k2ray.executor.base import SeqResult, SeqWork
+from k2ray.executor.runner import ModelRunner
+from k2ray.parallel.dispatch import DispatchClient
+from k2ray.parallel.groups import GroupLayout, free_port, init_group, node_ip
+from k2ray.parallel.placement import ExpertPlacement
+
+
+class AttentionWorker:
+    def __init__(
+        self,
+        model_dir: str,
+        engine: EngineConfig,
+        layout: GroupLayout,
+        index: int,
+        placement: ExpertPlacement,
+        device: str = "cpu",
+        threads: int = 1,
+    ):
+        if device == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.layout, self.index, self.placement, self.device = layout, index, placement, device
+        self.args = ModelArgs.from_dir(model_dir)
+        model = load_model(model_dir, dtype=engine.torch_dtype, with_experts=False).to(device)
+        self.num_kv_blocks = engine.kv_blocks_for(self.args)
+        self.runner = ModelRunner(model, self.num_kv_blocks, engine.block_size, engine.torch_dtype, device)
+        self.client: DispatchClient | None = None
+
+    def ready(self) -> dict:
+        return {"num_kv_blocks": self.num_kv_blocks, "node_ip": node_ip()}
+
+    def rendezvous(self) -> tuple[str, int]:
+        """An address on this node for the group's process-group rendezvous (this worker is rank 0)."""
+        return node_ip(), free_port()
+
+    def join_group(self, backend: str, address: str, port: int, timeout_s: float) -> None:
+        init_group(backend, address, port, self.layout.attention_rank(self.index), self.layout.world_size, timeout_s)
+        a = self.args
+        self.client = DispatchClient(self.layout, self.index, self.placement, a.hidden_size, a.num_experts_per_tok)
+        for moe in self.runner.model.moe_layers:
+            moe.set_routed(self.client)
+
+    def execute(self, seqs: list[SeqWork], tokens_per_worker: list[int]) -> tuple[list[SeqResult], dict]:
+        self.client.begin_step(tokens_per_worker)
+        results = self.runner.execute(seqs)
+        return results, self.client.stats.take()

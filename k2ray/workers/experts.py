@@ -1,0 +1,54 @@
+"""ExpertShard: the routed experts assigned to this shard, for every MoE layer; reads only their tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from k2ray.checkpoint.loader import WeightLoader
+from k2ray.config import ModelArgs
+from k2ray.model.moe import routed_experts_forward
+from k2ray.parallel.dispatch import ExpertServer
+from k2ray.parallel.groups import GroupLayout, init_group, node_ip
+
+
+class ExpertShard:
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: torch.dtype,
+        layout: GroupLayout,
+        shard: int,
+        experts: list[int],
+        device: str = "cpu",
+        threads: int = 1,
+    ):
+        if device == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.layout, self.shard, self.experts, self.dtype, self.device = layout, shard, list(experts), dtype, device
+        self.args = ModelArgs.from_dir(model_dir)
+        loader = WeightLoader(model_dir, self.args, dtype)
+        self.weights = []
+        for layer in self.args.moe_layers:
+            w13, w2 = loader.load_experts(layer, self.experts)
+            self.weights.append((w13.to(device), w2.to(device)))
+        self.tensors_read = list(loader.index.tensors_read)
+        self.server: ExpertServer | None = None
+
+    def ready(self) -> dict:
+        return {"node_ip": node_ip(), "experts": self.experts, "tensors_read": len(self.tensors_read)}
+
+    def read_tensor_names(self) -> list[str]:
+        return self.tensors_read
+
+    def join_group(self, backend: str, address: str, port: int, timeout_s: float) -> None:
+        init_group(backend, address, port, self.layout.shard_rank(self.shard), self.layout.world_size, timeout_s)
+        a = self.args
+        layers = [
+            (lambda x, ids, w, w13=w13, w2=w2: routed_experts_forward(x, ids, w, w13, w2)) for w13, w2 in self.weights
+        ]
+        self.server = ExpertServer(
+            self.layout, self.shard, layers, a.hidden_size, a.num_experts_per_tok, self.dtype, len(self.experts)
+        )
+
+    def step(self, tokens_per_worker: list[int]) -> dict:
+        return self.server.run_step(tokens_per_worker)
