@@ -165,11 +165,14 @@ if HAS_TRITON:
         lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s * stride_ls, mask=s_ok, other=float("-inf"))
         m = tl.max(lse, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp2(lse - m)  # empty splits: exp2(-inf) = 0
-        denom = tl.sum(w, axis=0)
-        part = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
-                       + offs_l[None, :] * stride_pl, mask=s_ok[:, None] & l_ok[None, :], other=0.0)
-        out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+        denom = tl.sum(tl.exp2(lse - m), axis=0)  # empty splits: exp2(-inf) = 0
+        acc = tl.zeros([BLOCK_L], dtype=tl.float32)
+        for s in range(0, num_splits):  # one split row at a time: no [splits, L] tile in registers
+            w = tl.exp2(tl.load(lse_ptr + b * stride_lb + h * stride_lh + s * stride_ls) - m)
+            part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s * stride_ps + offs_l * stride_pl,
+                           mask=l_ok, other=0.0)
+            acc += tl.where(w > 0, part, 0.0) * w
+        out = acc / tl.where(denom > 0, denom, 1.0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_l * stride_ol,
                  out.to(out_ptr.dtype.element_ty), mask=l_ok)
 

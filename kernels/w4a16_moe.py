@@ -90,13 +90,23 @@ def fused_moe_int4_torch(
 if HAS_TRITON:
 
     @triton.jit
-    def _dequant_tile(w_ptr, s_ptr, rows, cols, mask, stride_wn, stride_wk, stride_sn, stride_sk,
-                      GROUP: tl.constexpr):
-        """Transposed weight tile ``W[rows, cols].T`` -> fp32 ``[len(cols), len(rows)]`` from packed nibbles."""
-        words = tl.load(w_ptr + rows[None, :] * stride_wn + (cols[:, None] // 8) * stride_wk, mask=mask, other=0)
-        nib = (words >> ((cols[:, None] % 8) * 4)) & 0xF
-        scale = tl.load(s_ptr + rows[None, :] * stride_sn + (cols[:, None] // GROUP) * stride_sk, mask=mask, other=0.0)
-        return (nib - 8).to(tl.float32) * scale.to(tl.float32)
+    def _dequant_tile(w_ptr, s_ptr, rows, k0, n_in, n_ok, stride_wn, stride_wk, stride_sn, stride_sk,
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+        """Transposed weight tile ``W[rows, k0:k0+BLOCK_K].T`` -> fp32 ``[BLOCK_K, BLOCK_N]``.
+
+        Each packed word is loaded once and fanned out into its 8 nibbles in registers (word ``w``, nibble ``j`` is
+        column ``8 w + j``); one scale per 32 columns is broadcast the same way.
+        """
+        words_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        w_mask = (words_k[:, None] < n_in // 8) & n_ok[None, :]
+        words = tl.load(w_ptr + rows[None, :] * stride_wn + words_k[:, None] * stride_wk, mask=w_mask, other=0)
+        shifts = tl.arange(0, 8) * 4
+        nib = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [BLOCK_K / 8, 8, BLOCK_N]
+        q = tl.reshape(nib - 8, [BLOCK_K // GROUP, GROUP, BLOCK_N]).to(tl.float32)
+        groups_k = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        s_mask = (groups_k[:, None] < n_in // GROUP) & n_ok[None, :]
+        scale = tl.load(s_ptr + rows[None, :] * stride_sn + groups_k[:, None] * stride_sk, mask=s_mask, other=0.0)
+        return tl.reshape(q * scale.to(tl.float32)[:, None, :], [BLOCK_K, BLOCK_N])
 
     @triton.jit
     def _w4a16_gate_up_kernel(
@@ -131,11 +141,10 @@ if HAS_TRITON:
             k_ok = offs_k < H
             a = tl.load(x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xh,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wmask = k_ok[:, None] & n_ok[None, :]
-            w_gate = _dequant_tile(w_base, s_base, offs_n, offs_k, wmask,
-                                   stride_wn, stride_wk, stride_sn, stride_sk, GROUP)
-            w_up = _dequant_tile(w_base, s_base, offs_n + I, offs_k, wmask,
-                                 stride_wn, stride_wk, stride_sn, stride_sk, GROUP)
+            w_gate = _dequant_tile(w_base, s_base, offs_n, k0, H, n_ok,
+                                   stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K, BLOCK_N, GROUP)
+            w_up = _dequant_tile(w_base, s_base, offs_n + I, k0, H, n_ok,
+                                 stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K, BLOCK_N, GROUP)
             a = a.to(DOT_DTYPE)
             acc_gate = tl.dot(a, w_gate.to(DOT_DTYPE), acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(a, w_up.to(DOT_DTYPE), acc_up, input_precision=PRECISION)
@@ -176,8 +185,8 @@ if HAS_TRITON:
             k_ok = offs_k < I
             a = tl.load(act_ptr + routes64[:, None] * stride_ar + offs_k[None, :] * stride_ai,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = _dequant_tile(w_base, s_base, offs_n, offs_k, k_ok[:, None] & n_ok[None, :],
-                              stride_wn, stride_wk, stride_sn, stride_sk, GROUP)
+            w = _dequant_tile(w_base, s_base, offs_n, k0, I, n_ok,
+                              stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K, BLOCK_N, GROUP)
             acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
         gate_w = tl.load(topk_w_ptr + routes64, mask=row_ok, other=0.0).to(tl.float32)
@@ -204,8 +213,8 @@ def _fused_moe_int4_triton_impl(x, w13_packed, w13_scale, w2_packed, w2_scale, t
     num_routes = T * K
     if num_routes == 0:
         return torch.zeros((T, H), dtype=x.dtype, device=x.device)
-    if config.block_k % PACK_FACTOR:
-        raise ValueError("fused_moe_int4: block_k must be a multiple of 8")
+    if config.block_k % GROUP_SIZE:
+        raise ValueError(f"fused_moe_int4: block_k must be a multiple of the scale group ({GROUP_SIZE})")
     sorted_ids, expert_ids, ntpp = moe_align_triton(topk_ids, E, config.block_m)
     num_blocks = expert_ids.numel()
     # fp32 operands: exact IEEE dots (not TF32); 16-bit operands: tensor cores with fp32 accumulation.
