@@ -375,6 +375,72 @@ def test_dispatch_forced_triton(triton_out):
                                rtol=1e-5, atol=1e-5)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile for a Hopper GPU (sm_90): catches what the interpreter cannot (dot shape limits, layouts,
+# register allocation) on a machine without a GPU. Every tile configuration the tables can pick is compiled.
+
+
+def _aot_compile(fn, pointers: dict, constexprs: dict, floats=(), **options):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in pointers:
+            sig[p.name] = pointers[p.name]
+        else:
+            sig[p.name] = "fp32" if p.name in floats else "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _aot_cases():
+    import importlib
+
+    tl = pytest.importorskip("triton.language")
+    align = importlib.import_module("k2ray.kernels.moe_align")
+    moe = importlib.import_module("k2ray.kernels.w4a16_moe")
+    mla = importlib.import_module("k2ray.kernels.mla_decode")
+    cfg = importlib.import_module("k2ray.kernels._config")
+    i32 = {n: "*i32" for n in ("sorted_ptr", "expert_ids_ptr", "ntpp_ptr", "w_ptr", "bt_ptr", "lens_ptr")}
+    cases = [("moe_align", align._moe_align_kernel, {**i32, "ids_ptr": "*i64"},
+              {"BLOCK_SIZE": 16, "E_PAD": 512, "CHUNK": 32}, {"num_warps": 8})]
+    for _, c in cfg._MOE_TABLE:
+        consts = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP": 32,
+                  "PRECISION": "tf32", "DOT_DTYPE": tl.bfloat16}
+        opts = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+        cases.append((f"gate_up{c}", moe._w4a16_gate_up_kernel,
+                      {**i32, "x_ptr": "*bf16", "s_ptr": "*bf16", "act_ptr": "*bf16"}, consts, opts))
+        cases.append((f"down{c}", moe._w4a16_down_kernel,
+                      {**i32, "act_ptr": "*bf16", "s_ptr": "*bf16", "topk_w_ptr": "*fp32", "out_ptr": "*fp32"},
+                      consts, opts))
+    for heads in (64, 4):
+        c = cfg.mla_config(1, heads, 8192)
+        cases.append((f"mla_split{c}", mla._mla_decode_split_kernel,
+                      {**i32, "ql_ptr": "*bf16", "qr_ptr": "*bf16", "cache_ptr": "*bf16", "part_ptr": "*fp32",
+                       "lse_ptr": "*fp32"},
+                      {"NUM_SPLITS": c.num_splits, "BLOCK_H": c.block_h, "BLOCK_L": 512, "BLOCK_R": 64,
+                       "BLOCK_N": c.block_n, "DOT_DTYPE": tl.bfloat16, "PRECISION": "tf32"},
+                      {"num_warps": c.num_warps, "num_stages": c.num_stages}))
+    cases.append(("mla_merge", mla._mla_decode_merge_kernel,
+                  {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
+                  {"BLOCK_S": 64, "BLOCK_L": 512}, {"num_warps": 4}))
+    return cases
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels were decorated for the interpreter in this process")
+    for name, fn, pointers, consts, opts in _aot_cases():
+        kernel = _aot_compile(fn, pointers, consts, floats=("qk_scale",), **opts)
+        assert kernel.asm.get("cubin"), name
+
+
 if __name__ == "__main__":
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     _run_triton_cases(sys.argv[1])
