@@ -203,13 +203,13 @@ def _mla_decode_triton_impl(q_latent, q_rope, kv_cache, block_tables, context_le
         *partial.stride(), *lse.stride(),
         NUM_SPLITS=S, BLOCK_H=config.block_h, BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_N=config.block_n,
         DOT_DTYPE=dot_dtype, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )
     _mla_decode_merge_kernel[(B, Hq)](
         partial, lse, out, L, S,
         *partial.stride(), *lse.stride(), *out.stride(),
         BLOCK_S=max(2, next_pow2(S)), BLOCK_L=block_l,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=True,
     )
     return out
 

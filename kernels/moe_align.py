@@ -146,6 +146,6 @@ def moe_align_triton(
     chunk = max(16, min(64, 16384 // e_pad))
     _moe_align_kernel[(1,)](
         ids, sorted_ids, expert_ids, ntpp, numel, num_experts, max_blocks,
-        BLOCK_SIZE=block_size, E_PAD=e_pad, CHUNK=chunk, num_warps=8,
+        BLOCK_SIZE=block_size, E_PAD=e_pad, CHUNK=chunk, num_warps=8, enable_fp_fusion=True,
     )
     return sorted_ids, expert_ids, ntpp

@@ -232,7 +232,7 @@ def _fused_moe_int4_triton_impl(x, w13_packed, w13_scale, w2_packed, w2_scale, t
         act.stride(0), act.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP=GROUP_SIZE, PRECISION=precision, DOT_DTYPE=dot_dtype,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )
 
     weights = topk_weights.to(torch.float32).contiguous()
@@ -247,7 +247,7 @@ def _fused_moe_int4_triton_impl(x, w13_packed, w13_scale, w2_packed, w2_scale, t
         per_route.stride(0), per_route.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP=GROUP_SIZE, PRECISION=precision, DOT_DTYPE=dot_dtype,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )
     return per_route.view(T, K, H).sum(1).to(x.dtype)
 

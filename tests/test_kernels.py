@@ -394,7 +394,7 @@ def _aot_compile(fn, pointers: dict, constexprs: dict, floats=(), **options):
         else:
             sig[p.name] = "fp32" if p.name in floats else "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True, **options})
 
 
 def _aot_cases():
