@@ -47,28 +47,27 @@ def routed_experts_forward(
     ``w13 [E, 2I, H]`` stacks gate_proj over up_proj; ``w2 [E, H, I]`` is down_proj. Ids of -1 (expert held
     elsewhere) contribute nothing. Tokens are grouped by expert so each expert runs one matmul.
     """
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    t, k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     valid = flat_ids >= 0
-    if not bool(valid.any()):
-        return out.to(x.dtype)
-    order = torch.argsort(torch.where(valid, flat_ids, w13.shape[0]), stable=True)
     n_valid = int(valid.sum())
-    order = order[:n_valid]
-    sorted_ids = flat_ids[order]
-    token_of = order // topk_ids.shape[1]
-    counts = torch.bincount(sorted_ids, minlength=w13.shape[0]).tolist()
-    flat_w = topk_weights.reshape(-1)[order]
+    if n_valid == 0:
+        return torch.zeros_like(x)
+    order = torch.argsort(torch.where(valid, flat_ids, w13.shape[0]), stable=True)[:n_valid]
+    counts = torch.bincount(flat_ids[order], minlength=w13.shape[0]).tolist()
+    token_of = order // k
+    flat_w = topk_weights.reshape(-1)[order].float().unsqueeze(1)
+    # One row per (token, k) pair; summing over k in a fixed order keeps a token's result independent of the batch.
+    pairs = torch.zeros(t * k, x.shape[1], dtype=torch.float32, device=x.device)
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
             continue
-        tok = token_of[start : start + c]
-        gate, up = F.linear(x[tok], w13[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e])
-        out.index_add_(0, tok, y.float() * flat_w[start : start + c, None])
+        sl = slice(start, start + c)
+        gate, up = F.linear(x[token_of[sl]], w13[e]).chunk(2, dim=-1)
+        pairs[order[sl]] = F.linear(F.silu(gate) * up, w2[e]).float() * flat_w[sl]
         start += c
-    return out.to(x.dtype)
+    return pairs.view(t, k, -1).sum(1).to(x.dtype)
 
 
 class RoutedExperts(nn.Module):
