@@ -1,8 +1,14 @@
 """Sampling parameters and the sampler: a pure function from logits to tokens, run where the logits are.
 
-Every row is processed on its own, so a request's result never depends on what else is in the batch. Seeded requests
+A request's result never depends on what else is in the batch: batched operations are row-wise, and seeded requests
 draw their randomness from ``(seed, output index)`` only — reproducible across batch compositions, executors and
-preemptions.
+preemptions. For ``n > 1`` completion ``i`` uses :func:`derive_seed` ``(seed, i)``.
+
+Order of operations on a row: repetition penalty (prompt and output tokens), frequency and presence penalties (output
+tokens), banned tokens (e.g. stop tokens before ``min_tokens``) and the allowed mask, then — unless greedy —
+temperature, top-k, softmax, top-p (smallest prefix of the sorted distribution whose mass reaches ``top_p``), min-p
+(drop tokens below ``min_p`` times the top probability), and a draw from what is left. Reported logprobs are those of
+the model's raw distribution (``log_softmax`` of the logits before any of the above).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 _MAX_LOGPROBS = 20
+_GREEDY_EPS = 1e-5  # temperatures below this sample greedily (dividing by them would overflow)
 
 
 class SamplingParams(BaseModel):
@@ -72,7 +79,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < _GREEDY_EPS or self.top_k == 1
 
     @property
     def needs_history(self) -> bool:
@@ -87,7 +94,7 @@ class SampleRequest:
     output_index: int = 0  # tokens generated so far (selects the seeded random stream)
     prompt_ids: list[int] = field(default_factory=list)  # only filled when penalties need them
     output_ids: list[int] = field(default_factory=list)
-    banned_ids: list[int] = field(default_factory=list)  # e.g. EOS before min_tokens
+    banned_ids: list[int] = field(default_factory=list)  # e.g. stop tokens before min_tokens
     allowed_mask: Optional[torch.Tensor] = None  # bool [vocab]: grammar-constrained decoding
 
 
@@ -98,62 +105,111 @@ class Sample:
     top_logprobs: Optional[list[tuple[int, float]]] = None
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Seed of completion ``index`` of a request seeded with ``seed`` (index 0 keeps the seed itself)."""
+    if index == 0:
+        return seed
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ index) >> 1
+
+
 def _seeded_generator(seed: int, output_index: int, device) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + output_index * 7919 + 0x5EED) % (2**63 - 1))
+    g.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) + output_index) >> 1)
     return g
 
 
 def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
+    """Penalize one row ``[vocab]`` in place (and return it).
+
+    repetition (CTRL): every token seen in prompt or output has its logit divided by the penalty if positive,
+    multiplied if not. frequency / presence (OpenAI): ``logit -= frequency * count + presence * (count > 0)`` with
+    ``count`` the token's occurrences in the output.
+    """
     p = req.params
+    vocab = logits.shape[-1]
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), dtype=torch.long, device=logits.device)
-        if seen.numel():
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        seen = sorted(t for t in set(req.prompt_ids) | set(req.output_ids) if 0 <= t < vocab)
+        if seen:
+            idx = torch.tensor(seen, dtype=torch.long, device=logits.device)
+            vals = logits[idx]
+            logits[idx] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and req.output_ids:
-        counts = torch.bincount(torch.tensor(req.output_ids, device=logits.device), minlength=logits.shape[-1])
-        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        ids = torch.tensor([t for t in req.output_ids if 0 <= t < vocab], dtype=torch.long, device=logits.device)
+        counts = torch.bincount(ids, minlength=vocab).to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
 
+def _draw(row: torch.Tensor, p: SamplingParams, output_index: int) -> int:
+    """Random draw from one processed row of logits."""
+    row = row / p.temperature
+    if 0 < p.top_k < row.numel():
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, idx = probs.sort(descending=True)
+        cum = sorted_probs.cumsum(0)
+        drop = (cum - sorted_probs) >= p.top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.scatter(0, idx, sorted_probs.masked_fill(drop, 0.0))
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    gen = _seeded_generator(p.seed, output_index, row.device) if p.seed is not None else None
+    # Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i exactly.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
+    return int(torch.argmax(probs / noise))
+
+
 def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Sample]:
-    """Sample one token per row of ``logits [rows, vocab]``."""
+    """Sample one token per row of ``logits [rows, vocab]``.
+
+    Rows that need nothing but an argmax are handled in one batched operation; penalties, masks and random draws go
+    row by row. The result of a row depends only on that row and its request.
+    """
+    rows = len(requests)
+    if rows == 0:
+        return []
     logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    out = []
-    for i, req in enumerate(requests):
-        p = req.params
-        row = logits[i].clone()
-        if p.needs_history:
-            row = apply_penalties(row, req)
-        if req.banned_ids:
-            row[torch.tensor(req.banned_ids, dtype=torch.long, device=row.device)] = float("-inf")
-        if req.allowed_mask is not None:
-            row = row.masked_fill(~req.allowed_mask.to(row.device), float("-inf"))
-        if p.greedy:
-            token = int(torch.argmax(row))
-        else:
-            row = row / p.temperature
-            if p.top_k > 0 and p.top_k < row.numel():
-                kth = torch.topk(row, p.top_k).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            probs = torch.softmax(row, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, idx = probs.sort(descending=True)
-                cum = sorted_probs.cumsum(0)
-                drop = (cum - sorted_probs) >= p.top_p  # keep the smallest prefix whose mass reaches top_p
-                probs = probs.scatter(0, idx, sorted_probs.masked_fill(drop, 0.0))
-            if p.min_p > 0.0:
-                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-            gen = _seeded_generator(p.seed, req.output_index, row.device) if p.seed is not None else None
-            # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p exactly.
-            noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
-            token = int(torch.argmax(probs / noise))
-        top = None
-        if p.logprobs:
-            vals, ids = torch.topk(raw_logprobs[i], p.logprobs)
-            top = list(zip(ids.tolist(), vals.tolist()))
-        out.append(Sample(token_id=token, logprob=float(raw_logprobs[i, token]), top_logprobs=top))
-    return out
+    logprobs = torch.log_softmax(logits, dim=-1)
+    work = logits
+    special = [i for i, r in enumerate(requests)
+               if r.params.needs_history or r.banned_ids or r.allowed_mask is not None]
+    if special:
+        work = logits.clone()
+        for i in special:
+            r = requests[i]
+            row = work[i]
+            if r.params.needs_history:
+                apply_penalties(row, r)
+            if r.banned_ids:
+                row[torch.tensor(r.banned_ids, dtype=torch.long, device=row.device)] = float("-inf")
+            if r.allowed_mask is not None:
+                row.masked_fill_(~r.allowed_mask.to(row.device), float("-inf"))
+    chosen = work.argmax(dim=-1)  # greedy rows are done; random rows are overwritten below
+    random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+    if random_rows:
+        chosen = chosen.clone()
+        for i in random_rows:
+            chosen[i] = _draw(work[i], requests[i].params, requests[i].output_index)
+    token_ids = chosen.tolist()
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    kmax = max((r.params.logprobs or 0) for r in requests)
+    tops: list = [None] * rows
+    if kmax:
+        vals, ids = torch.topk(logprobs, min(kmax, logprobs.shape[-1]), dim=-1)
+        vals, ids = vals.tolist(), ids.tolist()
+        for i, r in enumerate(requests):
+            k = r.params.logprobs
+            if k:
+                tops[i] = list(zip(ids[i][:k], vals[i][:k]))
+    return [Sample(token_id=token_ids[i], logprob=chosen_lp[i], top_logprobs=tops[i]) for i in range(rows)]

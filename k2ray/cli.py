@@ -1,0 +1,145 @@
+"""The ``k2ray`` command.
+
+Each subcommand is a pair of functions — ``add_arguments(parser)`` and ``run(args) -> int`` — registered in
+:data:`COMMANDS` (or with :func:`register`), so other modules can add subcommands without touching ``main``. Expected
+failures (bad arguments, invalid model directories, ...) print one ``k2ray: error: ...`` line and exit with status 1;
+set ``K2RAY_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name: str, help: str, add_arguments: Callable, run: Callable) -> None:
+    COMMANDS[name] = Command(name, help, add_arguments, run)
+
+
+# -- make-tiny ---------------------------------------------------------------------------------------------------------
+def _make_tiny_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="output directory (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0); same seed, same bytes")
+
+
+def _make_tiny_run(args: argparse.Namespace) -> int:
+    from k2ray.checkpoint.tiny import make_tiny
+
+    out = make_tiny(args.dir, seed=args.seed)
+    print(f"wrote tiny K2 checkpoint to {out}")
+    return 0
+
+
+# -- generate ----------------------------------------------------------------------------------------------------------
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return n
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (e.g. from `k2ray make-tiny`)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat for several prompts (batched together)")
+    p.add_argument("--max-tokens", type=_positive_int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n", type=_positive_int, default=1, help="completions per prompt")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--attention-workers", type=_positive_int, default=1)
+    p.add_argument("--expert-shards", type=_positive_int, default=1)
+    p.add_argument("--show-tokens", action="store_true", help="also print the generated token ids")
+
+
+def _generate_run(args: argparse.Namespace) -> int:
+    from k2ray.engine.sampling import SamplingParams
+    from k2ray.llm import LLM
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, n=args.n, stop=args.stop or [], ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(args.model, dtype=args.dtype, executor=args.executor, attention_workers=args.attention_workers,
+              expert_shards=args.expert_shards)
+    try:
+        results = llm.generate(args.prompt, params)
+    finally:
+        llm.shutdown()
+    many = len(results) > 1 or args.n > 1
+    for res in results:
+        for out in res.outputs:
+            if many:
+                print(f"--- prompt {results.index(res)} completion {out.index} ({out.finish_reason})")
+            print(res.prompt + out.text if not many else out.text)
+            if args.show_tokens:
+                print(f"token_ids: {out.token_ids}")
+    return 0
+
+
+register("make-tiny", "write the tiny random-weight K2-format checkpoint", _make_tiny_args, _make_tiny_run)
+register("generate", "generate text with the offline engine", _generate_args, _generate_run)
+
+
+def _one_line(e: Exception) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):  # pydantic ValidationError: the first problem, named
+        try:
+            first = errors()[0]
+            loc = ".".join(str(x) for x in first.get("loc", ()))
+            msg = str(first.get("msg", e)).removeprefix("Value error, ")
+            return " ".join((f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg).split())
+        except Exception:
+            pass
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# -- entry point -------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k2ray", description="Serve Kimi K2 on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("k2ray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line, no traceback
+        if os.environ.get("K2RAY_DEBUG") == "1":
+            raise
+        msg = _one_line(e)
+        print(f"k2ray: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The offline API: ``LLM(model=DIR).generate(prompts, SamplingParams(...))``.
+
+All prompts of one ``generate`` call go through the continuous batcher together; results come back in prompt order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from k2ray.config import EngineConfig, ParallelConfig
+from k2ray.engine.engine import LLMEngine
+from k2ray.engine.request import RequestOutput
+from k2ray.engine.sampling import SamplingParams
+
+PromptLike = str | Sequence[int]
+
+
+class LLM:
+    """A model directory served in-process (``executor="local"``) or by a Ray model group (``executor="ray"``).
+
+    ``engine_kwargs`` are :class:`~k2ray.config.EngineConfig` fields (``max_num_seqs``, ``num_kv_blocks``,
+    ``block_size``, ``max_num_batched_tokens``, ``enable_prefix_caching``, ...); extra Ray layout options go in
+    ``parallel`` (a :class:`~k2ray.config.ParallelConfig` or a dict of its fields).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        dtype: str = "float32",
+        executor: str = "local",
+        attention_workers: int = 1,
+        expert_shards: int = 1,
+        parallel: ParallelConfig | dict | None = None,
+        **engine_kwargs,
+    ):
+        model_dir = Path(model)
+        if not (model_dir / "config.json").is_file():
+            raise ValueError(f"model: {model_dir} is not a model directory (no config.json)")
+        self.model_dir = model_dir
+        self.engine_config = EngineConfig(dtype=dtype, **engine_kwargs)
+        if isinstance(parallel, ParallelConfig):
+            par = parallel.model_copy(update={
+                "executor": executor, "attention_workers": attention_workers, "expert_shards": expert_shards,
+            })
+        else:
+            par = ParallelConfig(
+                executor=executor, attention_workers=attention_workers, expert_shards=expert_shards, **(parallel or {})
+            )
+        self.parallel_config = par
+        self.engine = LLMEngine.from_model(model_dir, self.engine_config, par)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptLike | Iterable[PromptLike],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (a string, or a list of token ids; or a list of those). ``params`` is one
+        :class:`SamplingParams` for all or a list with one per prompt. Every prompt is validated before anything
+        runs, so an invalid one raises without side effects."""
+        plist = _normalize_prompts(prompts)
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            param_list = [params] * len(plist)
+        else:
+            param_list = list(params)
+            if len(param_list) != len(plist):
+                raise ValueError(f"params: {len(param_list)} sampling params for {len(plist)} prompts")
+        engine = self.engine
+        reqs = []
+        try:
+            for i, (p, sp) in enumerate(zip(plist, param_list)):
+                try:
+                    reqs.append(engine.prepare_request(p, sp))
+                except ValueError as e:
+                    raise type(e)(f"prompt {i}: {e}") if len(plist) > 1 else e
+        except BaseException:
+            for r in reqs:  # release the reserved ids
+                engine._retire(r)
+            raise
+        for r in reqs:
+            engine.add_prepared(r)
+        final: dict[str, RequestOutput] = {}
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for r in reqs:
+                if r.request_id not in final:
+                    engine.abort_request(r.request_id)
+            raise
+        return [final[r.request_id] for r in reqs]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _normalize_prompts(prompts) -> list[PromptLike]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    if all(isinstance(t, int) for t in prompts):  # one prompt of token ids
+        return [prompts]
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, list, tuple)):
+            raise ValueError(f"prompts: item {i} is {type(p).__name__}, expected a string or a list of token ids")
+    return [p if isinstance(p, str) else list(p) for p in prompts]
