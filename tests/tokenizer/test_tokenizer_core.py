@@ -138,10 +138,14 @@ def reference_pattern():
     return regex.compile("(?V1)" + tokmod.K2_PAT_STR)
 
 
+@pytest.fixture(scope="module")
+def ranks():
+    return tokmod.load_tiktoken_ranks(os.path.join(DATA_DIR, "tiktoken.model"))
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text_st)
-def test_encode_matches_reference_split_and_bpe(tok, reference_pattern, s):
-    ranks = tokmod.load_tiktoken_ranks(os.path.join(DATA_DIR, "tiktoken.model"))
+def test_encode_matches_reference_split_and_bpe(tok, reference_pattern, ranks, s):
     assert tok.encode(s) == _reference_encode(reference_pattern, ranks, s)
 
 
