@@ -1,6 +1,7 @@
 """Kimi K2 tokenizer, chat template and output parsers."""
 
-from .chat import ChatPrompt, ChatTemplate, ChatTemplateError
+from .chat import ChatPrompt, ChatTemplate, ChatTemplateError, thinking_enabled
+from .parsers import ParsedOutput, StreamingOutputParser, parse_output, parse_reasoning, parse_tool_calls
 from .tiny import write_tokenizer_files
 from .tokenizer import IncrementalDetokenizer, KimiTokenizer
 
@@ -10,5 +11,11 @@ __all__ = [
     "ChatTemplate",
     "ChatTemplateError",
     "ChatPrompt",
+    "thinking_enabled",
+    "ParsedOutput",
+    "StreamingOutputParser",
+    "parse_output",
+    "parse_reasoning",
+    "parse_tool_calls",
     "write_tokenizer_files",
 ]

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 __all__ = [
@@ -107,31 +106,74 @@ def _json_object(text: str) -> bool:
         return False
 
 
-@dataclass
 class ParsedOutput:
-    """The accumulated result: what a non-streaming response's message carries."""
+    """The accumulated result: what a non-streaming response's message carries.
 
-    reasoning_content: str = ""
-    content: str = ""
-    tool_calls: list[dict] = field(default_factory=list)
+    Text is kept as lists of pieces and joined on access, so folding in many small deltas
+    stays linear in the output size.
+    """
+
+    def __init__(self, reasoning_content: str = "", content: str = "", tool_calls: Iterable[dict] | None = None):
+        self._reasoning: list[str] = [reasoning_content] if reasoning_content else []
+        self._content: list[str] = [content] if content else []
+        self._calls: list[dict] = []
+        for c in tool_calls or ():
+            self._calls.append({"id": c.get("id"), "name": c["function"]["name"], "args": [c["function"]["arguments"]]})
+
+    @staticmethod
+    def _joined(parts: list[str]) -> str:
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
+
+    @property
+    def reasoning_content(self) -> str:
+        return self._joined(self._reasoning)
+
+    @property
+    def content(self) -> str:
+        return self._joined(self._content)
+
+    @property
+    def tool_calls(self) -> list[dict]:
+        """OpenAI form: ``[{"id", "type": "function", "function": {"name", "arguments"}}]`` (a fresh list)."""
+        return [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": self._joined(c["args"])}}
+            for c in self._calls
+        ]
+
+    @property
+    def num_tool_calls(self) -> int:
+        return len(self._calls)
 
     def apply(self, delta: dict) -> None:
         """Fold one OpenAI delta (as produced by ``StreamingOutputParser``) into the result."""
-        if "reasoning_content" in delta:
-            self.reasoning_content += delta["reasoning_content"]
-        if "content" in delta:
-            self.content += delta["content"]
+        if delta.get("reasoning_content"):
+            self._reasoning.append(delta["reasoning_content"])
+        if delta.get("content"):
+            self._content.append(delta["content"])
         for tc in delta.get("tool_calls", ()):
             i = tc["index"]
-            while len(self.tool_calls) <= i:
-                self.tool_calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
-            call = self.tool_calls[i]
+            while len(self._calls) <= i:
+                self._calls.append({"id": None, "name": "", "args": []})
+            call = self._calls[i]
             if "id" in tc:
                 call["id"] = tc["id"]
             fn = tc.get("function", {})
             if "name" in fn:
-                call["function"]["name"] = fn["name"]
-            call["function"]["arguments"] += fn.get("arguments", "")
+                call["name"] = fn["name"]
+            if fn.get("arguments"):
+                call["args"].append(fn["arguments"])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ParsedOutput):
+            return NotImplemented
+        return (self.reasoning_content, self.content, self.tool_calls) == (
+            other.reasoning_content, other.content, other.tool_calls)
+
+    def __repr__(self) -> str:
+        return (f"ParsedOutput(reasoning_content={self.reasoning_content!r}, content={self.content!r}, "
+                f"tool_calls={self.tool_calls!r})")
 
     @classmethod
     def from_deltas(cls, deltas: Iterable[dict]) -> "ParsedOutput":
@@ -230,7 +272,7 @@ class StreamingOutputParser:
 
     @property
     def num_tool_calls(self) -> int:
-        return len(self.result.tool_calls)
+        return self.result.num_tool_calls
 
     # ------------------------------------------------------------------ scanning
     def _take(self) -> list[dict]:
@@ -289,7 +331,7 @@ class StreamingOutputParser:
             self._out.append({"tool_calls": [{"index": index, "function": {"arguments": text}}]})
 
     def _next_index(self) -> int:
-        return len(self.result.tool_calls) + sum(1 for d in self._out for tc in d.get("tool_calls", ()) if "id" in tc)
+        return self.result.num_tool_calls + sum(1 for d in self._out for tc in d.get("tool_calls", ()) if "id" in tc)
 
     # ------------------------------------------------------------------ text and markers
     def _text(self, text: str) -> None:
