@@ -1,0 +1,291 @@
+"""Scheduling and paging, exactly, against a model-free executor (see ``FakeExecutor``)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from k2ray.config import EngineConfig
+from k2ray.engine.engine import LLMEngine
+from k2ray.engine.request import FinishReason, PromptTooLongError
+from k2ray.engine.sampling import SamplingParams
+
+from engine_helpers import FakeExecutor, fake_reference
+
+
+def _engine(**kw) -> tuple[LLMEngine, FakeExecutor]:
+    ex_kw = {k: kw.pop(k) for k in ("num_partitions", "num_kv_blocks", "block_size") if k in kw}
+    ex = FakeExecutor(**ex_kw)
+    cfg = EngineConfig(block_size=ex.block_size, num_kv_blocks=ex.num_kv_blocks, **kw)
+    return LLMEngine(ex, cfg), ex
+
+
+def _run(engine: LLMEngine, max_steps: int = 100_000) -> dict[str, object]:
+    final = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return final
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    raise AssertionError("engine did not finish")
+
+
+def _assert_no_leaks(engine: LLMEngine) -> None:
+    for bm in engine.scheduler.managers:
+        bm.check_consistent()
+        assert bm.num_free_blocks == bm.num_blocks, "cache blocks leaked"
+        assert bm.usage == 0.0
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+P = SamplingParams(max_tokens=6, temperature=0.0)
+
+
+def test_token_budget_chunked_prefill_mixed_with_decode():
+    engine, ex = _engine(max_num_batched_tokens=16, max_num_seqs=8, block_size=4, num_kv_blocks=64)
+    engine.add_request(list(range(1, 6)), P, request_id="short")
+    engine.step()  # prefill of "short" (5 tokens) + first token
+    engine.add_request(list(range(10, 50)), P, request_id="long")  # 40 tokens: chunked
+    engine.step()
+    step = ex.steps[-1]
+    # The decode of "short" comes first, then a 15-token chunk of "long": exactly the budget.
+    assert [len(s.token_ids) for s in step.seqs] == [1, 15]
+    assert step.seqs[0].sample is not None and step.seqs[1].sample is None
+    engine.step()
+    assert [len(s.token_ids) for s in ex.steps[-1].seqs] == [1, 15]
+    engine.step()  # last 10 prompt tokens of "long" -> sample
+    assert [len(s.token_ids) for s in ex.steps[-1].seqs] == [1, 10]
+    assert ex.steps[-1].seqs[1].sample is not None
+    final = _run(engine)
+    assert final["long"].outputs[0].token_ids == fake_reference(list(range(10, 50)), 6)
+    assert final["short"].outputs[0].token_ids == fake_reference(list(range(1, 6)), 6)
+    for st in ex.steps:
+        assert sum(len(s.token_ids) for s in st.seqs) <= 16
+    _assert_no_leaks(engine)
+
+
+def test_max_num_seqs_and_fcfs():
+    engine, ex = _engine(max_num_batched_tokens=64, max_num_seqs=3, block_size=4, num_kv_blocks=64)
+    for i in range(7):
+        engine.add_request([i + 1] * 3, SamplingParams(max_tokens=2 + i % 3, temperature=0.0), request_id=f"r{i}")
+    order = []
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        assert engine.num_running <= 3
+        assert len(ex.steps[-1].seqs) <= 3
+        order += [o.request_id for o in outs if o.finished]
+    # Admission is FCFS: a request is first scheduled no later than any request that arrived after it.
+    first_step = {}
+    for k, st in enumerate(ex.steps):
+        for s in st.seqs:
+            first_step.setdefault(s.seq_id, k)
+    firsts = [first_step[i] for i in sorted(first_step)]
+    assert firsts == sorted(firsts)
+    _assert_no_leaks(engine)
+
+
+def test_large_request_not_starved_by_small_ones():
+    """A big prompt at the head of the queue is admitted before later small ones even if they would fit."""
+    engine, ex = _engine(max_num_batched_tokens=8, max_num_seqs=4, block_size=4, num_kv_blocks=12)
+    engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=12, temperature=0.0), request_id="a")
+    engine.step()
+    engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=2, temperature=0.0), request_id="big")
+    for i in range(6):
+        engine.add_request([7, 8], SamplingParams(max_tokens=2, temperature=0.0), request_id=f"small{i}")
+    final = _run(engine)
+    assert set(final) == {"a", "big"} | {f"small{i}" for i in range(6)}
+    first = {}
+    for k, st in enumerate(ex.steps):
+        for s in st.seqs:
+            first.setdefault(s.seq_id, k)
+    big_seq = 1
+    assert all(first[big_seq] <= first[s] for s in range(2, 8))
+    _assert_no_leaks(engine)
+
+
+def test_admission_control_and_preemption_by_recompute_no_leaks():
+    """64 requests through a cache far too small for them together: all finish with the unbatched result."""
+    engine, ex = _engine(max_num_batched_tokens=64, max_num_seqs=32, block_size=4, num_kv_blocks=40)
+    rng = random.Random(0)
+    expected = {}
+    for i in range(64):
+        prompt = [rng.randrange(1, 900) for _ in range(rng.randrange(3, 40))]
+        mt = rng.randrange(1, 30)
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=mt, temperature=0.0), request_id=f"q{i}")
+        expected[rid] = fake_reference(prompt, mt)
+    final = _run(engine)
+    assert engine.num_preemptions > 0
+    for rid, toks in expected.items():
+        out = final[rid].outputs[0]
+        assert out.token_ids == toks, rid
+        assert out.finish_reason == "length"
+    for st in ex.steps:
+        assert sum(len(s.token_ids) for s in st.seqs) <= 64
+    _assert_no_leaks(engine)
+
+
+def test_preemption_keeps_prefix_cache_and_partitions():
+    """Two attention partitions, each with its own blocks: sequences stay on their partition; no leaks anywhere."""
+    engine, ex = _engine(num_partitions=2, max_num_batched_tokens=32, max_num_seqs=16, block_size=4,
+                         num_kv_blocks=16)
+    rng = random.Random(1)
+    expected = {}
+    for i in range(24):
+        prompt = [rng.randrange(1, 900) for _ in range(rng.randrange(3, 20))]
+        mt = rng.randrange(1, 20)
+        expected[engine.add_request(prompt, SamplingParams(max_tokens=mt, temperature=0.0))] = fake_reference(prompt, mt)
+    part_of = {}
+    final = _run(engine)
+    for st in ex.steps:
+        for s in st.seqs:
+            assert part_of.setdefault(s.seq_id, s.partition) == s.partition
+    assert set(part_of.values()) == {0, 1}
+    for rid, toks in expected.items():
+        assert final[rid].outputs[0].token_ids == toks
+    _assert_no_leaks(engine)
+
+
+def test_prefix_cache_counts_computed_tokens():
+    engine, ex = _engine(block_size=4, num_kv_blocks=64)
+    shared = list(range(100, 112))  # 3 full blocks
+    a = shared + [1, 2]
+    b = shared + [5, 6, 7]
+    final = _run_one(engine, a, 3)
+    assert final.outputs[0].token_ids == fake_reference(a, 3)
+    before = ex.computed_tokens
+    out = _run_one(engine, b, 3)
+    # Only the 3 new prompt tokens and 2 decode steps are computed.
+    assert ex.computed_tokens - before == 3 + 2
+    assert out.num_cached_tokens == 12
+    assert out.outputs[0].token_ids == fake_reference(b, 3)
+    assert engine.prefix_cache_hit_tokens == 12
+    # A prompt that is entirely cached still computes its last token (the logits of the next one).
+    before = ex.computed_tokens
+    out = _run_one(engine, shared, 2)
+    assert ex.computed_tokens - before == 4 + 1  # the last block is recomputed, not partially overwritten
+    assert out.outputs[0].token_ids == fake_reference(shared, 2)
+    _assert_no_leaks(engine)
+
+
+def _run_one(engine, prompt, mt):
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=mt, temperature=0.0))
+    return _run(engine)[rid]
+
+
+def test_prefix_cache_lru_eviction():
+    engine, ex = _engine(block_size=4, num_kv_blocks=8)
+    p1 = list(range(1, 13))
+    p2 = list(range(50, 62))
+    _run_one(engine, p1, 1)
+    _run_one(engine, p2, 1)  # both cached (unreferenced) now; 8 blocks hold 6 cached blocks
+    bm = engine.scheduler.managers[0]
+    assert bm.num_cached_blocks == 6
+    _run_one(engine, list(range(200, 220)), 1)  # needs 5 blocks: evicts p1's blocks first (least recent)
+    before = ex.computed_tokens
+    _run_one(engine, p2 + [9], 1)
+    assert ex.computed_tokens - before < 13  # p2 still (partly) cached
+    before = ex.computed_tokens
+    _run_one(engine, p1 + [9], 1)
+    assert ex.computed_tokens - before == 13  # p1 was evicted
+    _assert_no_leaks(engine)
+
+
+def test_abort_frees_blocks_at_once():
+    engine, ex = _engine(block_size=4, num_kv_blocks=32)
+    rid = engine.add_request(list(range(1, 20)), SamplingParams(max_tokens=50, temperature=0.0))
+    other = engine.add_request(list(range(1, 9)), SamplingParams(max_tokens=5, temperature=0.0))
+    engine.step()
+    engine.step()
+    used = engine.scheduler.managers[0].num_used_blocks
+    assert used >= 5 + 2
+    out = engine.abort_request(rid)
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    # Only the other request's blocks remain held.
+    assert engine.scheduler.managers[0].num_used_blocks == len(engine.get_request(other).seqs[0].block_table)
+    assert engine.abort_request(rid) is None
+    final = _run(engine)
+    assert final[other].outputs[0].token_ids == fake_reference(list(range(1, 9)), 5)
+    _assert_no_leaks(engine)
+
+
+def test_prompt_too_long_only_fails_that_request():
+    engine, _ = _engine(block_size=4, num_kv_blocks=8)  # 32 tokens of cache
+    assert engine.max_model_len == 32
+    ok = engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))
+    engine.step()
+    with pytest.raises(PromptTooLongError, match="max_model_len=32"):
+        engine.add_request(list(range(1, 40)), SamplingParams(max_tokens=4))
+    final = _run(engine)
+    assert final[ok].outputs[0].token_ids == fake_reference([1, 2, 3], 4)
+    # Generation stops at the context limit with finish_reason "length".
+    rid = engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=100, temperature=0.0))
+    out = _run(engine)[rid].outputs[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+    _assert_no_leaks(engine)
+
+
+def test_max_model_len_larger_than_cache_is_rejected():
+    ex = FakeExecutor(num_kv_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLMEngine(ex, EngineConfig(block_size=4, num_kv_blocks=8, max_model_len=100))
+
+
+def test_stop_token_and_min_tokens_and_ignore_eos():
+    engine, _ = _engine(block_size=4, num_kv_blocks=64)
+    prompt = [3, 1, 4, 1, 5]
+    ref = fake_reference(prompt, 10)
+    stop_at = ref[2]
+    out = _run_one_p(engine, prompt, SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[stop_at]))
+    k = ref.index(stop_at)
+    assert out.token_ids == ref[: k + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
+    # The same token acting as EOS: finish_reason "stop", stop_reason None; ignore_eos disables it.
+    engine2 = LLMEngine(FakeExecutor(eos=(stop_at,)), EngineConfig(block_size=4, num_kv_blocks=64))
+    out = _run_one_p(engine2, prompt, SamplingParams(max_tokens=10, temperature=0.0))
+    assert out.token_ids == ref[: k + 1] and out.finish_reason == "stop" and out.stop_reason is None
+    out = _run_one_p(engine2, prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    assert out.token_ids == ref and out.finish_reason == "length"
+
+
+def test_min_tokens_bans_stop_tokens():
+    engine, ex = _engine(block_size=4, num_kv_blocks=64)
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=5, min_tokens=2, temperature=0.0, stop_token_ids=[7]))
+    banned = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        banned.append(sorted(ex.steps[-1].seqs[0].sample.banned_ids))
+    assert banned[:2] == [[7, 999], [7, 999]] and all(b == [] for b in banned[2:])
+
+
+def _run_one_p(engine, prompt, params):
+    rid = engine.add_request(prompt, params)
+    return _run(engine)[rid].outputs[0]
+
+
+def test_n_completions_have_distinct_seeds():
+    engine, ex = _engine(block_size=4, num_kv_blocks=64)
+    rid = engine.add_request([1, 2, 3], SamplingParams(n=3, max_tokens=2, temperature=1.0, seed=11))
+    engine.step()
+    seeds = [s.sample.params.seed for s in ex.steps[0].seqs]
+    assert seeds[0] == 11 and len(set(seeds)) == 3
+    out = _run(engine)[rid]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    _assert_no_leaks(engine)
+
+
+def test_request_ids_and_validation():
+    engine, _ = _engine()
+    engine.add_request([1], P, request_id="x")
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add_request([1], P, request_id="x")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request([1, 5000], P)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request([], P)
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request("text", P)
+    with pytest.raises(ValueError, match="stop"):
+        engine.add_request([1], SamplingParams(stop=["x"]))
+    _run(engine)
+    engine.add_request([1], P, request_id="x")  # finished ids can be reused
