@@ -250,6 +250,37 @@ def _parse_quant(q: Any, source: str) -> QuantArgs:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class PoolPlacement(BaseModel):
+    """Where the actors of one pool (attention workers or expert shards) may run.
+
+    ``resources`` are extra Ray resources each actor needs (custom node resources pin a pool to its nodes, e.g.
+    ``{"k2ray_experts": 1}``); ``node_labels`` must all match the Ray node labels of the chosen node. ``gpus`` /
+    ``cpus`` override the group-wide per-worker amounts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: Optional[float] = None
+    cpus: Optional[float] = None
+    resources: dict[str, float] = {}
+    node_labels: dict[str, str] = {}
+
+    @field_validator("gpus", "cpus")
+    @classmethod
+    def _non_negative_opt(cls, v):
+        if v is not None and v < 0:
+            raise ValueError("must not be negative")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _non_negative_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, x in v.items() if x < 0]
+        if bad:
+            raise ValueError(f"resource {bad[0]!r} must not be negative")
+        return v
+
+
 class ParallelConfig(BaseModel):
     """Layout of one model group: A attention workers (data-parallel attention) and E expert shards."""
 
@@ -264,6 +295,9 @@ class ParallelConfig(BaseModel):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     redundant_experts: int = 0  # extra physical copies of the hottest experts (spread over shards)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    attention_pool: PoolPlacement = PoolPlacement()
+    expert_pool: PoolPlacement = PoolPlacement()
+    validate_cluster: bool = True  # check the cluster can hold the plan before starting anything
     collective_timeout_s: float = 60.0  # a stalled collective fails the step after this long
 
     @field_validator("attention_workers", "expert_shards")
@@ -293,6 +327,28 @@ class ParallelConfig(BaseModel):
         if self.backend != "auto":
             return self.backend
         return "nccl" if self.device == "cuda" else "gloo"
+
+    def pool_bundle(self, pool: str) -> dict[str, float]:
+        """Ray resources of one actor of ``pool`` ("attention" or "experts")."""
+        p = self.attention_pool if pool == "attention" else self.expert_pool
+        cpus = self.cpus_per_worker if p.cpus is None else p.cpus
+        gpus = self.gpus_per_worker if p.gpus is None else p.gpus
+        b = {"CPU": cpus} if cpus else {}
+        if gpus:
+            b["GPU"] = gpus
+        b.update({k: v for k, v in p.resources.items() if v})
+        return b
+
+    def bundles(self) -> list[dict[str, float]]:
+        """One bundle per attention worker, then one per expert shard (the group's placement group)."""
+        return [self.pool_bundle("attention")] * self.attention_workers + [
+            self.pool_bundle("experts")
+        ] * self.expert_shards
+
+    def bundle_label_selectors(self) -> list[dict[str, str]]:
+        return [dict(self.attention_pool.node_labels)] * self.attention_workers + [
+            dict(self.expert_pool.node_labels)
+        ] * self.expert_shards
 
     def check_against(self, args: ModelArgs) -> None:
         """Validate the layout against the model (e.g. more shards than experts)."""
@@ -359,11 +415,37 @@ class ServeArgs(BaseModel):
     enable_auto_tool_choice: bool = True
     enable_reasoning: bool = True  # split <think>…</think> into reasoning_content
     default_chat_template_kwargs: dict[str, Any] = {}
-    max_request_bytes: int = 4 << 20
+    max_request_bytes: int = 4 << 20  # larger request bodies get 413
+    default_max_tokens: Optional[int] = None  # when a request sets none: None = up to the context length
+    router_cpus: float = 1.0  # bundle 0 of each model group: the K2Router replica (engine loop, scheduler)
+    router_gpus: float = 0.0
 
-    @field_validator("max_queued_requests")
+    @field_validator("max_queued_requests", "max_request_bytes")
     @classmethod
     def _queue_positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be at least 1")
         return v
+
+    @field_validator("default_max_tokens")
+    @classmethod
+    def _max_tokens_positive(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("router_cpus", "router_gpus")
+    @classmethod
+    def _router_resources(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must not be negative")
+        return v
+
+    @property
+    def model_name(self) -> str:
+        """The name clients send as ``model``: ``served_model_name``, else the built-in name or directory name."""
+        if self.served_model_name:
+            return self.served_model_name
+        from k2ray.serve.models import default_served_name
+
+        return default_served_name(self.model)

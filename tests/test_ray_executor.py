@@ -126,10 +126,15 @@ def test_killed_shard_fails_fast_and_group_rebuilds(cluster, tiny_weights_dir, l
 
 
 def test_impossible_layout_fails_fast(cluster, tiny_weights_dir):
+    from k2ray.config import ConfigError
+
     par = ParallelConfig(executor="ray", attention_workers=1, expert_shards=2, cpus_per_worker=100)
+    with pytest.raises(ConfigError, match=r"parallel.attention_workers=1 needs 1 bundles.*not enough 'CPU'"):
+        RayExecutor(tiny_weights_dir, ENGINE, par)
+    # Without the up-front check, the placement group wait still fails in bounded time.
     t0 = time.monotonic()
     with pytest.raises(ExecutorError, match="cannot reserve 3 bundles"):
-        RayExecutor(tiny_weights_dir, ENGINE, par, ready_timeout_s=3)
+        RayExecutor(tiny_weights_dir, ENGINE, par.model_copy(update={"validate_cluster": False}), ready_timeout_s=3)
     assert time.monotonic() - t0 < 20
 
 

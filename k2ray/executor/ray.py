@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from k2ray.config import EngineConfig, ModelArgs, ParallelConfig
 from k2ray.executor.base import StepInput, StepOutput
 from k2ray.parallel.groups import GroupLayout
-from k2ray.parallel.placement import ExpertPlacement
+from k2ray.parallel.placement import ExpertPlacement, check_cluster_fits
 from k2ray.workers.attention import AttentionWorker
 from k2ray.workers.experts import ExpertShard
 
@@ -49,9 +49,6 @@ class RayExecutor:
         self.args = ModelArgs.from_dir(model_dir)
         self.parallel.check_against(self.args)
         self.layout = GroupLayout(self.parallel.attention_workers, self.parallel.expert_shards)
-        self.placement = ExpertPlacement.contiguous(
-            self.args.n_routed_experts, self.parallel.expert_shards, self.parallel.redundant_experts
-        )
         self.num_partitions = self.layout.attention_workers
         self.block_size = self.engine.block_size
         self.num_kv_blocks = self.engine.kv_blocks_for(self.args)
@@ -62,40 +59,52 @@ class RayExecutor:
         self._start()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
-    def _bundle(self) -> dict:
-        p = self.parallel
-        b = {"CPU": p.cpus_per_worker} if p.cpus_per_worker else {}
-        if p.gpus_per_worker:
-            b["GPU"] = p.gpus_per_worker
-        return b or {"CPU": 0.01}
-
     def _start(self) -> None:
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
         p, n = self.parallel, self.layout.world_size
         if self._external_pg is None:
-            self.pg = placement_group([self._bundle()] * n, strategy=p.placement_strategy)
+            if p.validate_cluster:
+                check_cluster_fits(p, ray.nodes())
+            bundles = [b or {"CPU": 0.01} for b in p.bundles()]
+            selectors = p.bundle_label_selectors()
+            self.pg = placement_group(
+                bundles, strategy=p.placement_strategy,
+                bundle_label_selector=selectors if any(selectors) else None,
+            )
             ready, _ = ray.wait([self.pg.ready()], timeout=self._ready_timeout_s)
             if not ready:
                 remove_placement_group(self.pg)
+                self.pg = None
                 raise ExecutorError(
-                    f"cannot reserve {n} bundles of {self._bundle()} (attention_workers={p.attention_workers} + "
-                    f"expert_shards={p.expert_shards}); cluster resources: {ray.cluster_resources()}"
+                    f"cannot reserve {n} bundles {bundles} (attention_workers={p.attention_workers} + "
+                    f"expert_shards={p.expert_shards}) within {self._ready_timeout_s:.0f}s; "
+                    f"cluster resources: {ray.cluster_resources()}"
                 )
         else:
             self.pg = self._external_pg
-        threads = max(1, int(p.cpus_per_worker))
+        # Bundle -> node, so redundant expert copies can be spread over nodes and the layout reported.
+        bundle_nodes = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {})
+        self.bundle_nodes = [bundle_nodes.get(self._bundle_offset + i) for i in range(n)]
+        self.placement = ExpertPlacement.contiguous(
+            self.args.n_routed_experts, p.expert_shards, p.redundant_experts,
+            shard_nodes=[str(x) for x in self.bundle_nodes[p.attention_workers :]],
+        )
 
         def opts(i):
+            pool = "attention" if i < p.attention_workers else "experts"
+            bundle = p.pool_bundle(pool)
             return dict(
-                num_cpus=p.cpus_per_worker,
-                num_gpus=p.gpus_per_worker,
+                num_cpus=bundle.get("CPU", 0),
+                num_gpus=bundle.get("GPU", 0),
+                resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")} or None,
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=self._bundle_offset + i
                 ),
             )
 
+        threads = max(1, int(p.cpus_per_worker))
         self.attention = [
             _RemoteAttention.options(**opts(i)).remote(
                 self.model_dir, self.engine, self.layout, i, self.placement, p.device, threads
@@ -130,13 +139,21 @@ class RayExecutor:
         p = self.parallel
         return {
             "attention_workers": [
-                {"rank": i, "node_ip": info.get("node_ip")} for i, info in enumerate(self.worker_info[: p.attention_workers])
+                {"rank": i, "node_id": info.get("node_id"), "node_ip": info.get("node_ip")}
+                for i, info in enumerate(self.worker_info[: p.attention_workers])
             ],
             "expert_shards": [
-                {"shard": s, "node_ip": info.get("node_ip"), "experts": info.get("experts")}
+                {
+                    "shard": s,
+                    "rank": p.attention_workers + s,
+                    "node_id": info.get("node_id"),
+                    "node_ip": info.get("node_ip"),
+                    "experts": info.get("experts"),
+                }
                 for s, info in enumerate(self.worker_info[p.attention_workers :])
             ],
             "backend": p.collective_backend,
+            "strategy": p.placement_strategy,
         }
 
     def _teardown(self) -> None:

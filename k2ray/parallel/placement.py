@@ -19,7 +19,14 @@ class ExpertPlacement:
     shard_experts: tuple[tuple[int, ...], ...]  # shard -> logical expert of each local slot
 
     @classmethod
-    def contiguous(cls, n_experts: int, n_shards: int, redundant: list[int] | int = 0) -> "ExpertPlacement":
+    def contiguous(
+        cls, n_experts: int, n_shards: int, redundant: list[int] | int = 0, shard_nodes: list[str] | None = None
+    ) -> "ExpertPlacement":
+        """Contiguous primary assignment plus ``redundant`` copies (the first N experts, or the given hot list).
+
+        With ``shard_nodes`` (the node of each shard) a copy goes to a shard on a node that does not yet hold that
+        expert, so a hot expert is served from two nodes and one node's loss or load does not pin it.
+        """
         if not 1 <= n_shards <= n_experts:
             raise ValueError(f"expert_shards={n_shards} must be between 1 and n_routed_experts={n_experts}")
         base, extra = divmod(n_experts, n_shards)
@@ -29,15 +36,20 @@ class ExpertPlacement:
             shards.append(list(range(start, start + n)))
             start += n
         copies = list(range(redundant)) if isinstance(redundant, int) else list(redundant)
+        nodes = shard_nodes or [str(s) for s in range(n_shards)]
+        if len(nodes) != n_shards:
+            raise ValueError(f"shard_nodes has {len(nodes)} entries for {n_shards} shards")
         for i, e in enumerate(copies):
             if not 0 <= e < n_experts:
                 raise ValueError(f"redundant expert {e} out of range")
-            # Put the copy on a shard that does not already hold the expert.
-            for step in range(n_shards):
-                s = (i + 1 + step) % n_shards
-                if e not in shards[s] or n_shards == 1:
-                    shards[s].append(e)
-                    break
+            holders = {nodes[s] for s in range(n_shards) if e in shards[s]}
+            order = [(i + 1 + step) % n_shards for step in range(n_shards)]
+            # Prefer a shard on another node, then any shard without the expert, least loaded first.
+            other_node = [s for s in order if nodes[s] not in holders]
+            no_copy = [s for s in order if e not in shards[s]]
+            candidates = other_node or no_copy or order
+            target = min(candidates, key=lambda s: len(shards[s]))
+            shards[target].append(e)
         return cls(n_experts, n_shards, tuple(tuple(s) for s in shards))
 
     def copies(self) -> list[list[tuple[int, int]]]:
@@ -68,3 +80,40 @@ class ExpertPlacement:
 
     def describe(self) -> dict:
         return {f"shard{s}": list(e) for s, e in enumerate(self.shard_experts)}
+
+
+def check_cluster_fits(parallel, nodes: list[dict]) -> None:
+    """Fail before anything starts if the cluster cannot hold the group's bundles.
+
+    ``nodes`` are ``ray.nodes()`` entries. Totals (not free amounts) are used: this checks the plan, not the moment.
+    """
+    from k2ray.config import ConfigError
+
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    free = [dict(n.get("Resources", {})) for n in alive]
+    labels = [n.get("Labels", {}) or {} for n in alive]
+    pools = [
+        ("attention", "attention_workers", parallel.attention_workers, parallel.attention_pool.node_labels),
+        ("experts", "expert_shards", parallel.expert_shards, parallel.expert_pool.node_labels),
+    ]
+    for pool, field, count, selector in pools:
+        need = parallel.pool_bundle(pool)
+        matching = [i for i in range(len(alive)) if all(labels[i].get(k) == v for k, v in selector.items())]
+        placed = 0
+        for i in matching:
+            node = free[i]
+            while placed < count and all(node.get(r, 0.0) >= q - 1e-9 for r, q in need.items()):
+                for r, q in need.items():
+                    node[r] = node.get(r, 0.0) - q
+                placed += 1
+        if placed < count:
+            where = f" on nodes labelled {selector}" if selector else ""
+            if not matching:
+                raise ConfigError(f"parallel.{field}={count}: no alive node has the labels {selector}")
+            # The resource that runs out first names the problem.
+            totals = {r: sum(free[i].get(r, 0.0) for i in matching) for r in need}
+            missing = min(need, key=lambda r: totals[r] / need[r])
+            raise ConfigError(
+                f"parallel.{field}={count} needs {count} bundles of {need}{where} but the cluster provides "
+                f"{placed}: not enough {missing!r} (after placing {placed}, {totals[missing]:g} left)"
+            )

@@ -13,7 +13,7 @@ from k2ray.config import EngineConfig, ModelArgs
 from k2ray.executor.base import SeqResult, SeqWork
 from k2ray.executor.runner import ModelRunner
 from k2ray.parallel.dispatch import DispatchClient
-from k2ray.parallel.groups import GroupLayout, free_port, init_group, node_ip
+from k2ray.parallel.groups import GroupLayout, free_port, init_group, node_id, node_ip
 from k2ray.parallel.placement import ExpertPlacement
 
 
@@ -38,7 +38,7 @@ class AttentionWorker:
         self.client: DispatchClient | None = None
 
     def ready(self) -> dict:
-        return {"num_kv_blocks": self.num_kv_blocks, "node_ip": node_ip()}
+        return {"num_kv_blocks": self.num_kv_blocks, "node_ip": node_ip(), "node_id": node_id()}
 
     def rendezvous(self) -> tuple[str, int]:
         """An address on this node for the group's process-group rendezvous (this worker is rank 0)."""

@@ -8,7 +8,7 @@ from k2ray.checkpoint.loader import WeightLoader
 from k2ray.config import ModelArgs
 from k2ray.model.moe import routed_experts_forward
 from k2ray.parallel.dispatch import ExpertServer
-from k2ray.parallel.groups import GroupLayout, init_group, node_ip
+from k2ray.parallel.groups import GroupLayout, init_group, node_id, node_ip
 
 
 class ExpertShard:
@@ -35,7 +35,7 @@ class ExpertShard:
         self.server: ExpertServer | None = None
 
     def ready(self) -> dict:
-        return {"node_ip": node_ip(), "experts": self.experts, "tensors_read": len(self.tensors_read)}
+        return {"node_ip": node_ip(), "node_id": node_id(), "experts": self.experts, "tensors_read": len(self.tensors_read)}
 
     def read_tensor_names(self) -> list[str]:
         return self.tensors_read
