@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-import typing
+import re
 from pathlib import Path
 
 import helm_python as helm
@@ -25,8 +25,6 @@ import kubernetes_validate
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
-
-from pydantic import BaseModel
 
 from k2ray.config import ModelArgs, ParallelConfig, ServeArgs
 
@@ -38,6 +36,22 @@ NAMESPACE = "llm"
 KUBE_VERSIONS = ("1.26.0", kubernetes_validate.latest_version() + ".0")
 
 KIMI_VALUES = yaml.safe_load((CHART / "values-kimi-k2-thinking.yaml").read_text())
+
+
+def _commented_override(path: Path, heading: str) -> dict:
+    """The YAML block commented out under `heading` in a values file (documented variants are rendered too)."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if heading in line)
+    block = []
+    for line in lines[start + 1:]:
+        if not line.startswith("#"):
+            break
+        block.append(line[2:])
+    first = next(i for i, line in enumerate(block) if re.fullmatch(r"[A-Za-z]\w*:", line))
+    return yaml.safe_load("\n".join(block[first:]))
+
+
+KIMI_2X8_H100 = _commented_override(CHART / "values-kimi-k2-thinking.yaml", "Two nodes of 8x H100")
 
 
 def merged(*layers: dict) -> dict:
@@ -90,6 +104,7 @@ CASES = {
     "default+download+existingSecret": merged(DOWNLOAD_MODEL, {"apiKeys": {"existingSecret": "my-keys"}}),
     "kimi": KIMI_VALUES,
     "kimi+features": merged(KIMI_VALUES, FEATURES),
+    "kimi-2x8-h100": merged(KIMI_VALUES, KIMI_2X8_H100),
 }
 
 
@@ -385,7 +400,8 @@ def test_placement_plan_fits(chart, case):
     objs = case_objects(chart, case)
     rs = rayservice(objs)
     app = serve_config(objs)["applications"][0]
-    p = ServeArgs.model_validate(app["args"]).parallel
+    args = ServeArgs.model_validate(app["args"])
+    p = args.parallel
     deps = {d["name"]: d for d in app["deployments"]}
 
     def replicas(d):
@@ -395,8 +411,13 @@ def test_placement_plan_fits(chart, case):
         opts = d.get("ray_actor_options", {})
         return {"CPU": opts.get("num_cpus", 1), "GPU": opts.get("num_gpus", 0), **opts.get("resources", {})}
 
+    # Each model group's placement group: bundle 0 for the K2Router replica itself, then one per actor.
+    router = {"CPU": args.router_cpus, "GPU": args.router_gpus}
+    # Serve schedules the replica into bundle 0, so its own resources must fit there.
+    own = actor(deps["K2Router"])
+    assert own["CPU"] <= router["CPU"] and own["GPU"] <= router["GPU"], (own, router)
     bundles = [b for _ in range(replicas(deps["K2Router"])) for b in _bundles(p)]
-    others = [actor(deps["K2Router"])] * replicas(deps["K2Router"])
+    others = [router] * replicas(deps["K2Router"])
     others += [actor(deps["OpenAIIngress"])] * replicas(deps["OpenAIIngress"])
     nodes = _ray_nodes(rs)
     where = _place(bundles + others, nodes)
@@ -453,6 +474,20 @@ K2_THINKING = dict(
     max_position_embeddings=262144, rope_theta=50000.0,
 )
 H200_BYTES = 139 * 2**30  # usable memory per GPU
+
+
+def test_kimi_two_node_variant():
+    """The documented 2x8 H100 variant: the attention group hosts the attention pool and a third of the experts."""
+    assert KIMI_2X8_H100["serve"]["args"]["parallel"] == {"attention_workers": 4, "expert_shards": 12}
+    values = merged(KIMI_VALUES, KIMI_2X8_H100)
+    groups = {k: g for k, g in values["workerGroups"].items() if g["enabled"]}
+    assert {k: g["pools"] for k, g in groups.items()} == {"attention": {"attention": 4, "experts": 4},
+                                                            "experts": {"attention": 0, "experts": 8}}
+    m = ModelArgs.from_dict(K2_THINKING)
+    e = ServeArgs.model_validate(values["serve"]["args"]).engine
+    h100 = 78 * 2**30
+    assert 571e9 / 12 < 0.75 * h100 and 23.5e9 + e.kv_cache_memory_gb * 2**30 < 0.9 * h100
+    assert e.kv_blocks_for(m) * e.block_size >= e.max_model_len
 
 
 def test_kimi_layout_and_memory_sizing(chart):
@@ -734,39 +769,89 @@ def test_schema_args_rejections_agree_with_serveargs():
             ServeArgs.model_validate(args)
 
 
+# The rules of k2ray/config.py's field validators, as JSON schema, by field path under serve.args. The types, enums,
+# nullability and the ban on unknown fields come from the pydantic models themselves.
+ARGS_CONSTRAINTS: dict[tuple[str, ...], dict] = {
+    ("model",): {"minLength": 1},
+    ("max_queued_requests",): {"minimum": 1},
+    ("max_request_bytes",): {"minimum": 1},
+    ("default_max_tokens",): {"minimum": 1},
+    ("router_cpus",): {"minimum": 0},
+    ("router_gpus",): {"minimum": 0},
+    ("engine", "block_size"): {"minimum": 1},
+    ("engine", "num_kv_blocks"): {"minimum": 1},
+    ("engine", "kv_cache_memory_gb"): {"exclusiveMinimum": 0},
+    ("engine", "max_num_seqs"): {"minimum": 1},
+    ("engine", "max_num_batched_tokens"): {"minimum": 1},
+    ("engine", "max_model_len"): {"minimum": 1},
+    ("parallel",): {"allOf": [
+        {"if": {"required": ["device"], "properties": {"device": {"const": "cuda"}}},
+         "then": {"required": ["gpus_per_worker"], "properties": {"gpus_per_worker": {"exclusiveMinimum": 0}}}},
+        {"if": {"required": ["backend"], "properties": {"backend": {"const": "nccl"}}},
+         "then": {"required": ["device"], "properties": {"device": {"const": "cuda"}}}},
+    ]},
+    ("parallel", "attention_workers"): {"minimum": 1},
+    ("parallel", "expert_shards"): {"minimum": 1},
+    ("parallel", "gpus_per_worker"): {"minimum": 0},
+    ("parallel", "cpus_per_worker"): {"minimum": 0},
+    ("parallel", "redundant_experts"): {"minimum": 0},
+    ("parallel", "collective_timeout_s"): {"exclusiveMinimum": 0},
+    ("parallel", "attention_pool", "gpus"): {"minimum": 0},
+    ("parallel", "attention_pool", "cpus"): {"minimum": 0},
+    ("parallel", "attention_pool", "resources"): {"additionalProperties": {"type": "number", "minimum": 0}},
+    ("parallel", "expert_pool", "gpus"): {"minimum": 0},
+    ("parallel", "expert_pool", "cpus"): {"minimum": 0},
+    ("parallel", "expert_pool", "resources"): {"additionalProperties": {"type": "number", "minimum": 0}},
+}
+
+
+def generate_args_schema() -> dict:
+    """The serve.args part of values.schema.json, derived from ServeArgs (refs inlined, titles and defaults dropped,
+    ARGS_CONSTRAINTS added)."""
+    raw = ServeArgs.model_json_schema()
+    defs = raw.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, list):
+            return [inline(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            node = {**defs[node["$ref"].split("/")[-1]], **{k: v for k, v in node.items() if k != "$ref"}}
+        return {k: (inline(v) if k != "properties" else {n: inline(x) for n, x in v.items()})
+                for k, v in node.items() if k not in ("title", "default")}
+
+    schema = inline(raw)
+    for path, rules in ARGS_CONSTRAINTS.items():
+        node = schema
+        for name in path:
+            props = node.get("properties", {})
+            assert name in props, f"ARGS_CONSTRAINTS: ServeArgs has no field {'.'.join(path)}"
+            node = props[name]
+        node.update(copy.deepcopy(rules))
+    schema["required"] = ["model"]
+    return schema
+
+
 def _args_schema() -> dict:
     return json.loads((CHART / "values.schema.json").read_text())["properties"]["serve"]["properties"]["args"]
 
 
-def _nested_models():
-    """(pydantic model, path of its schema under serve.args) for ServeArgs and every model nested in it."""
-    out, todo = [], [(ServeArgs, ())]
-    while todo:
-        model, path = todo.pop()
-        out.append((model, path))
-        for name, field in model.model_fields.items():
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                todo.append((field.annotation, path + (name,)))
-    return out
+def write_args_schema() -> None:
+    path = CHART / "values.schema.json"
+    schema = json.loads(path.read_text())
+    schema["properties"]["serve"]["properties"]["args"] = generate_args_schema()
+    path.write_text(json.dumps(schema, indent=2) + "\n")
 
 
-@pytest.mark.parametrize("model, path", _nested_models(), ids=lambda x: x.__name__ if isinstance(x, type) else ".".join(x))
-def test_schema_args_in_step_with_serveargs(model, path):
-    """Every field of ServeArgs and of the models nested in it (EngineConfig, ParallelConfig, PoolPlacement) is in
-    values.schema.json (and nothing else), with the same choices for Literal fields: a field added in
-    k2ray/config.py must be added to the chart's schema."""
-    schema = _args_schema()
-    for key in path:
-        schema = schema["properties"][key]
-    key = ".".join(path)
-    assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == set(model.model_fields), (
-        f"helm/k2ray/values.schema.json serve.args{'.' + key if key else ''} differs from {model.__name__}")
-    for name, field in model.model_fields.items():
-        if typing.get_origin(field.annotation) is typing.Literal:
-            assert set(schema["properties"][name]["enum"]) == set(typing.get_args(field.annotation)), name
+def test_schema_args_in_step_with_serveargs():
+    """values.schema.json checks serve.args exactly as k2ray.config.ServeArgs does (every field, no other, same
+    types and choices): a field added in k2ray/config.py must reach the chart's schema."""
+    assert _args_schema() == generate_args_schema(), (
+        "helm/k2ray/values.schema.json serve.args is out of date with k2ray.config.ServeArgs: "
+        "run `python tests/test_helm_chart.py --write-schema`")
     # The models' own defaults pass the schema.
-    jsonschema.validate(json.loads(model().model_dump_json()), schema)
+    jsonschema.validate(json.loads(ServeArgs().model_dump_json()), _args_schema())
 
 
 def test_values_files_args_are_serveargs():
@@ -785,3 +870,13 @@ def test_chart_metadata(chart):
         if path.is_file() and path.suffix in (".yaml", ".tpl", ".txt", ".json", ".md"):
             text = path.read_text()
             assert "/work/" not in text and "/root/" not in text, path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write-schema"]:
+        write_args_schema()
+        print(f"updated serve.args in {CHART / 'values.schema.json'}")
+    else:
+        sys.exit("usage: python tests/test_helm_chart.py --write-schema")
