@@ -373,6 +373,9 @@ class EngineConfig(BaseModel):
     max_model_len: Optional[int] = None  # defaults to min(max_position_embeddings, cache capacity)
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Routed experts: "int4" keeps INT4 checkpoints packed for the W4A16 kernel, "dequantized" expands them to the
+    # compute dtype; "auto" packs on CUDA (a quarter of the memory) and dequantizes on CPU (faster torch path).
+    expert_format: Literal["auto", "dequantized", "int4"] = "auto"
 
     @field_validator("block_size", "max_num_seqs", "max_num_batched_tokens")
     @classmethod
@@ -393,6 +396,13 @@ class EngineConfig(BaseModel):
         import torch
 
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    def experts_int4(self, args: ModelArgs, device: str) -> bool:
+        if self.expert_format == "int4" and not args.experts_int4:
+            raise ConfigError("engine.expert_format='int4' needs a checkpoint with INT4 (compressed-tensors) experts")
+        return self.expert_format == "int4" or (
+            self.expert_format == "auto" and device == "cuda" and args.experts_int4
+        )
 
     def kv_blocks_for(self, args: ModelArgs) -> int:
         if self.num_kv_blocks is not None:

@@ -125,3 +125,13 @@ def test_bf16_forward_close_to_fp32(tiny_weights_dir, models):
     assert b.dtype == torch.float32 and ours16.lm_head.weight.dtype == torch.bfloat16
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_int4_packed_experts_match_dequantized(tiny_weights_dir, models):
+    """Experts kept INT4-packed (the W4A16 kernel path; its torch twin on CPU) == dequantized experts."""
+    ours, _ = models
+    packed = load_model(tiny_weights_dir, dtype=torch.float32, experts_int4=True)
+    assert packed.model.layers[1].mlp.experts.w13_packed.dtype == torch.int32
+    ids = torch.randint(0, ours.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(packed.forward_full(ids), ours.forward_full(ids), rtol=1e-4, atol=1e-4)

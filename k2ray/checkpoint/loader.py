@@ -69,34 +69,39 @@ class WeightLoader:
             raise CheckpointError(f"{self._where(full)}: shape {tuple(t.shape)} does not match expected {tuple(shape)}")
         return t.to(dtype or self.dtype)
 
+    def read_packed(self, base: str, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(weight_packed int32 [out, in/8], weight_scale [out, in/group])`` checked against ``weight_shape``, or
+        None when ``base`` is not stored pack-quantized."""
+        packed = self.full_name(base + ".weight_packed")
+        if packed not in self.index:
+            return None
+        w_packed = self.index.get(packed)
+        scale_name = self.full_name(base + ".weight_scale")
+        scale = self.index.get(scale_name)
+        shape_name = self.full_name(base + ".weight_shape")
+        if shape_name in self.index:
+            stored = tuple(int(s) for s in self.index.get(shape_name).tolist())
+            if stored != (out_features, in_features):
+                raise CheckpointError(
+                    f"{self._where(shape_name)}: weight_shape {stored} does not match expected "
+                    f"{(out_features, in_features)}"
+                )
+        group = self.args.quantization.group_size if self.args.quantization else 32
+        if w_packed.dtype != torch.int32:
+            raise CheckpointError(f"{self._where(packed)}: expected int32 packed words, got {w_packed.dtype}")
+        for name, t, want in (
+            (packed, w_packed, (out_features, in_features // 8)),
+            (scale_name, scale, (out_features, in_features // group)),
+        ):
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"{self._where(name)}: shape {tuple(t.shape)} does not match expected {want}")
+        return w_packed, scale
+
     def read_linear(self, base: str, out_features: int, in_features: int) -> torch.Tensor:
         """A linear weight ``[out, in]`` stored dense, FP8 or INT4 pack-quantized (``base`` without ``.weight``)."""
-        packed = self.full_name(base + ".weight_packed")
-        if packed in self.index:
-            w_packed = self.index.get(packed)
-            scale = self.index.get(self.full_name(base + ".weight_scale"))
-            shape_name = self.full_name(base + ".weight_shape")
-            if shape_name in self.index:
-                stored = tuple(int(s) for s in self.index.get(shape_name).tolist())
-                if stored != (out_features, in_features):
-                    raise CheckpointError(
-                        f"{self._where(shape_name)}: weight_shape {stored} does not match expected "
-                        f"{(out_features, in_features)}"
-                    )
-            group = self.args.quantization.group_size if self.args.quantization else 32
-            if w_packed.dtype != torch.int32:
-                raise CheckpointError(f"{self._where(packed)}: expected int32 packed words, got {w_packed.dtype}")
-            if tuple(w_packed.shape) != (out_features, in_features // 8):
-                raise CheckpointError(
-                    f"{self._where(packed)}: shape {tuple(w_packed.shape)} does not match expected "
-                    f"{(out_features, in_features // 8)}"
-                )
-            if tuple(scale.shape) != (out_features, in_features // group):
-                raise CheckpointError(
-                    f"{self._where(self.full_name(base + '.weight_scale'))}: shape {tuple(scale.shape)} does not match "
-                    f"expected {(out_features, in_features // group)}"
-                )
-            return dequantize_int4(w_packed, scale, (out_features, in_features), dtype=self.dtype)
+        packed = self.read_packed(base, out_features, in_features)
+        if packed is not None:
+            return dequantize_int4(packed[0], packed[1], (out_features, in_features), dtype=self.dtype)
         if self.full_name(base + ".weight") not in self.index:
             raise CheckpointError(
                 f"{self.model_dir}: tensor {self.full_name(base + '.weight_packed')!r} (or {base + '.weight'!r}) "
@@ -138,6 +143,25 @@ class WeightLoader:
             return torch.empty(0, 2 * i, h, dtype=self.dtype), torch.empty(0, h, i, dtype=self.dtype)
         return torch.stack(w13), torch.stack(w2)
 
+    def load_experts_int4(self, layer: int, experts: Iterable[int]) -> dict[str, torch.Tensor]:
+        """Experts kept packed for the W4A16 kernel: ``w13_packed [n, 2I, H/8]``, ``w13_scale [n, 2I, H/g]``,
+        ``w2_packed [n, H, I/8]``, ``w2_scale [n, H, I/g]`` (scales in the compute dtype)."""
+        a = self.args
+        h, i = a.hidden_size, a.moe_intermediate_size
+        parts: dict[str, list[torch.Tensor]] = {"w13_packed": [], "w13_scale": [], "w2_packed": [], "w2_scale": []}
+        for e in experts:
+            base = f"model.layers.{layer}.mlp.experts.{e}"
+            got = [self.read_packed(base + p, o, n) for p, o, n in
+                   ((".gate_proj", i, h), (".up_proj", i, h), (".down_proj", h, i))]
+            if any(g is None for g in got):
+                raise CheckpointError(f"{self.model_dir}: expert {base} is not stored pack-quantized (INT4)")
+            (gp, gs), (up, us), (dp, ds) = got
+            parts["w13_packed"].append(torch.cat([gp, up]))
+            parts["w13_scale"].append(torch.cat([gs, us]).to(self.dtype))
+            parts["w2_packed"].append(dp)
+            parts["w2_scale"].append(ds.to(self.dtype))
+        return {k: torch.stack(v) for k, v in parts.items()}
+
     def load_all_experts(self, module: torch.nn.Module, experts_of_layer: dict[int, list[int]] | None = None) -> None:
         """Fill ``model.layers.L.mlp.experts.{w13,w2}`` of ``module`` (all experts unless a subset is given)."""
         a = self.args
@@ -145,21 +169,35 @@ class WeightLoader:
         with self._bar(len(layers), "loading experts") as bar, torch.no_grad():
             for layer in layers:
                 ids = range(a.n_routed_experts) if experts_of_layer is None else experts_of_layer[layer]
-                w13, w2 = self.load_experts(layer, ids)
-                experts = module.get_submodule(f"model.layers.{layer}.mlp.experts")
-                experts.w13.copy_(w13)
-                experts.w2.copy_(w2)
+                fill_experts(module.get_submodule(f"model.layers.{layer}.mlp.experts"), self, layer, ids)
                 bar.update(1)
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, with_experts: bool = True):
+def fill_experts(experts: torch.nn.Module, loader: "WeightLoader", layer: int, ids: Iterable[int]) -> None:
+    """Load ``ids`` of ``layer`` into a :class:`~k2ray.model.moe.RoutedExperts` (packed or dequantized)."""
+    with torch.no_grad():
+        if experts.int4:
+            for name, t in loader.load_experts_int4(layer, ids).items():
+                getattr(experts, name).copy_(t)
+        else:
+            w13, w2 = loader.load_experts(layer, ids)
+            experts.w13.copy_(w13)
+            experts.w2.copy_(w2)
+
+
+def load_model(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, with_experts: bool = True, experts_int4: bool = False
+):
     """Build and load a :class:`~k2ray.model.model.KimiK2ForCausalLM` from a model directory."""
     from k2ray.model.model import KimiK2ForCausalLM
 
     args = ModelArgs.from_dir(model_dir)
     with torch.device("meta"):
-        model = KimiK2ForCausalLM(args, with_experts=with_experts, dtype=dtype)
-    model = model.to_empty(device="cpu").to(dtype)
+        model = KimiK2ForCausalLM(args, with_experts=with_experts, dtype=dtype, experts_int4=experts_int4)
+    model = model.to_empty(device="cpu")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
     _restore_fp32_buffers(model)
     loader = WeightLoader(model_dir, args, dtype)
     loader.load_dense(model)

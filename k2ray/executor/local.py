@@ -18,7 +18,8 @@ class LocalExecutor:
         self.args = ModelArgs.from_dir(model_dir)
         self.block_size = engine.block_size
         self.num_kv_blocks = engine.kv_blocks_for(self.args)
-        model = load_model(model_dir, dtype=engine.torch_dtype).to(device)
+        int4 = engine.experts_int4(self.args, device)
+        model = load_model(model_dir, dtype=engine.torch_dtype, experts_int4=int4).to(device)
         self.runner = ModelRunner(model, self.num_kv_blocks, engine.block_size, engine.torch_dtype, device)
 
     def execute(self, step: StepInput) -> StepOutput:

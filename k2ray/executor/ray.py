@@ -113,7 +113,7 @@ class RayExecutor:
         ]
         self.shards = [
             _RemoteShard.options(**opts(self.layout.attention_workers + s)).remote(
-                self.model_dir, self.engine.torch_dtype, self.layout, s, list(self.placement.shard_experts[s]),
+                self.model_dir, self.engine, self.layout, s, list(self.placement.shard_experts[s]),
                 p.device, threads,
             )
             for s in range(self.layout.expert_shards)

@@ -14,12 +14,12 @@ from k2ray.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, with_experts: bool, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, layer: int, with_experts: bool, dtype: torch.dtype, experts_int4: bool):
         super().__init__()
         self.self_attn = MLAttention(args)
         self.is_moe = args.is_moe_layer(layer)
         self.mlp = (
-            MoE(args, with_experts=with_experts, dtype=dtype)
+            MoE(args, with_experts=with_experts, dtype=dtype, experts_int4=experts_int4)
             if self.is_moe
             else MLP(args.hidden_size, args.intermediate_size)
         )
@@ -32,11 +32,11 @@ class DecoderLayer(nn.Module):
 
 
 class _Body(nn.Module):
-    def __init__(self, args: ModelArgs, with_experts: bool, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, with_experts: bool, dtype: torch.dtype, experts_int4: bool):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(args, i, with_experts, dtype) for i in range(args.num_hidden_layers)
+            DecoderLayer(args, i, with_experts, dtype, experts_int4) for i in range(args.num_hidden_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -45,13 +45,20 @@ class KimiK2ForCausalLM(nn.Module):
     """Forward over a flat batch of new tokens of several sequences (see :class:`AttentionMetadata`).
 
     ``with_experts=False`` builds the attention-side model of expert parallelism: routed experts live elsewhere and
-    each MoE layer gets a dispatch callable through ``MoE.set_routed``.
+    each MoE layer gets a dispatch callable through ``MoE.set_routed``. ``experts_int4`` keeps routed experts
+    INT4-packed for the W4A16 kernel instead of dequantizing them.
     """
 
-    def __init__(self, args: ModelArgs, with_experts: bool = True, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        args: ModelArgs,
+        with_experts: bool = True,
+        dtype: torch.dtype = torch.float32,
+        experts_int4: bool = False,
+    ):
         super().__init__()
         self.args = args
-        self.model = _Body(args, with_experts, dtype)
+        self.model = _Body(args, with_experts, dtype, experts_int4)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args)
 

@@ -71,16 +71,36 @@ def routed_experts_forward(
 
 
 class RoutedExperts(nn.Module):
-    """The routed experts of one layer held in this process (all of them, or a shard's subset)."""
+    """The routed experts of one layer held in this process (all of them, or a shard's subset).
 
-    def __init__(self, args: ModelArgs, num_local: int | None = None, dtype: torch.dtype = torch.float32):
+    Either dequantized (``w13``/``w2`` in the compute dtype: the CPU path) or kept INT4 pack-quantized for the
+    W4A16 grouped-GEMM kernel (``int4=True``: a quarter of the bytes, what real K2 needs on GPUs).
+    """
+
+    def __init__(
+        self, args: ModelArgs, num_local: int | None = None, dtype: torch.dtype = torch.float32, int4: bool = False
+    ):
         super().__init__()
         e = args.n_routed_experts if num_local is None else num_local
         h, i = args.hidden_size, args.moe_intermediate_size
-        self.register_buffer("w13", torch.empty(e, 2 * i, h, dtype=dtype))
-        self.register_buffer("w2", torch.empty(e, h, i, dtype=dtype))
+        self.int4 = int4
+        if int4:
+            g = args.quantization.group_size if args.quantization else 32
+            self.register_buffer("w13_packed", torch.empty(e, 2 * i, h // 8, dtype=torch.int32))
+            self.register_buffer("w13_scale", torch.empty(e, 2 * i, h // g, dtype=dtype))
+            self.register_buffer("w2_packed", torch.empty(e, h, i // 8, dtype=torch.int32))
+            self.register_buffer("w2_scale", torch.empty(e, h, i // g, dtype=dtype))
+        else:
+            self.register_buffer("w13", torch.empty(e, 2 * i, h, dtype=dtype))
+            self.register_buffer("w2", torch.empty(e, h, i, dtype=dtype))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.int4:
+            from k2ray.kernels import fused_moe_int4
+
+            return fused_moe_int4(
+                x, self.w13_packed, self.w13_scale, self.w2_packed, self.w2_scale, topk_ids, topk_weights
+            )
         return routed_experts_forward(x, topk_ids, topk_weights, self.w13, self.w2)
 
 
@@ -94,10 +114,12 @@ class MoE(nn.Module):
     the same signature that sends tokens to the expert shards (all-to-all) and brings the results back.
     """
 
-    def __init__(self, args: ModelArgs, with_experts: bool = True, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, args: ModelArgs, with_experts: bool = True, dtype: torch.dtype = torch.float32, experts_int4: bool = False
+    ):
         super().__init__()
         self.gate = Gate(args)
-        self.experts = RoutedExperts(args, dtype=dtype) if with_experts else None
+        self.experts = RoutedExperts(args, dtype=dtype, int4=experts_int4) if with_experts else None
         self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
         self._routed: RoutedFn | None = None
 

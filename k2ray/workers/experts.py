@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from k2ray.checkpoint.loader import WeightLoader
-from k2ray.config import ModelArgs
-from k2ray.model.moe import routed_experts_forward
+from k2ray.checkpoint.loader import WeightLoader, fill_experts
+from k2ray.config import EngineConfig, ModelArgs
+from k2ray.model.moe import RoutedExperts
 from k2ray.parallel.dispatch import ExpertServer
 from k2ray.parallel.groups import GroupLayout, init_group, node_id, node_ip
 
@@ -15,7 +15,7 @@ class ExpertShard:
     def __init__(
         self,
         model_dir: str,
-        dtype: torch.dtype,
+        engine: EngineConfig,
         layout: GroupLayout,
         shard: int,
         experts: list[int],
@@ -24,13 +24,16 @@ class ExpertShard:
     ):
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.layout, self.shard, self.experts, self.dtype, self.device = layout, shard, list(experts), dtype, device
+        self.layout, self.shard, self.experts, self.device = layout, shard, list(experts), device
+        self.dtype = engine.torch_dtype
         self.args = ModelArgs.from_dir(model_dir)
-        loader = WeightLoader(model_dir, self.args, dtype)
-        self.weights = []
+        int4 = engine.experts_int4(self.args, device)
+        loader = WeightLoader(model_dir, self.args, self.dtype)
+        self.layers = []
         for layer in self.args.moe_layers:
-            w13, w2 = loader.load_experts(layer, self.experts)
-            self.weights.append((w13.to(device), w2.to(device)))
+            mod = RoutedExperts(self.args, num_local=len(self.experts), dtype=self.dtype, int4=int4)
+            fill_experts(mod, loader, layer, self.experts)
+            self.layers.append(mod.to(device))
         self.tensors_read = list(loader.index.tensors_read)
         self.server: ExpertServer | None = None
 
@@ -43,12 +46,10 @@ class ExpertShard:
     def join_group(self, backend: str, address: str, port: int, timeout_s: float) -> None:
         init_group(backend, address, port, self.layout.shard_rank(self.shard), self.layout.world_size, timeout_s)
         a = self.args
-        layers = [
-            (lambda x, ids, w, w13=w13, w2=w2: routed_experts_forward(x, ids, w, w13, w2)) for w13, w2 in self.weights
-        ]
         self.server = ExpertServer(
-            self.layout, self.shard, layers, a.hidden_size, a.num_experts_per_tok, self.dtype, len(self.experts)
+            self.layout, self.shard, self.layers, a.hidden_size, a.num_experts_per_tok, self.dtype, len(self.experts)
         )
 
+    @torch.inference_mode()
     def step(self, tokens_per_worker: list[int]) -> dict:
         return self.server.run_step(tokens_per_worker)
