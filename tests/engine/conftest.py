@@ -8,6 +8,16 @@ from k2ray.config import EngineConfig, ModelArgs
 from k2ray.executor.base import StepInput, StepOutput
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tiny model's ops are too small to share between threads, and on a loaded 2-core machine a second OpenMP
+    thread turns every op into a wait for a descheduled peer (seen: 100x slower steps). Restored afterwards."""
+    from engine_helpers import one_torch_thread
+
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_dir(request, tmp_path_factory):
     """The full tiny checkpoint (weights + tokenizer files), as `k2ray make-tiny` writes it."""
@@ -32,35 +42,12 @@ def local_executor(model_dir):
     return LocalExecutor(model_dir, EngineConfig(num_kv_blocks=1024, block_size=4))
 
 
-class ExecutorView:
-    """The shared executor seen through a smaller cache: an engine over it uses blocks ``[0, num_kv_blocks)`` only."""
-
-    def __init__(self, inner, num_kv_blocks: int | None = None):
-        self.inner = inner
-        self.args = inner.args
-        self.num_partitions = inner.num_partitions
-        self.block_size = inner.block_size
-        self.num_kv_blocks = num_kv_blocks or inner.num_kv_blocks
-        assert self.num_kv_blocks <= inner.num_kv_blocks
-        self.steps = 0
-        self.fail_at: int | None = None
-
-    def execute(self, step: StepInput) -> StepOutput:
-        self.steps += 1
-        if self.fail_at is not None and self.steps >= self.fail_at:
-            raise RuntimeError("injected executor failure")
-        for s in step.seqs:
-            assert all(0 <= b < self.num_kv_blocks for b in s.block_table), s.block_table
-        return self.inner.execute(step)
-
-    def shutdown(self) -> None:
-        pass
-
-
 @pytest.fixture
 def make_engine(local_executor, model_dir):
     """``make_engine(num_kv_blocks=None, **EngineConfig fields)`` -> LLMEngine over the shared tiny model."""
     from k2ray.engine.engine import LLMEngine, load_eos_token_ids, load_tokenizer
+
+    from engine_helpers import ExecutorView
 
     tok = load_tokenizer(model_dir)
     eos = load_eos_token_ids(model_dir)

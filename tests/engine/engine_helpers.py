@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from k2ray.executor.base import SeqResult, StepInput, StepOutput
 from k2ray.engine.sampling import Sample
+
+
+class ExecutorView:
+    """The shared executor seen through a smaller cache: an engine over it uses blocks ``[0, num_kv_blocks)`` only."""
+
+    def __init__(self, inner, num_kv_blocks: int | None = None):
+        self.inner = inner
+        self.args = inner.args
+        self.num_partitions = inner.num_partitions
+        self.block_size = inner.block_size
+        self.num_kv_blocks = num_kv_blocks or inner.num_kv_blocks
+        assert self.num_kv_blocks <= inner.num_kv_blocks
+        self.steps = 0
+        self.fail_at: int | None = None
+
+    def execute(self, step: StepInput) -> StepOutput:
+        self.steps += 1
+        if self.fail_at is not None and self.steps >= self.fail_at:
+            raise RuntimeError("injected executor failure")
+        for s in step.seqs:
+            assert all(0 <= b < self.num_kv_blocks for b in s.block_table), s.block_table
+        return self.inner.execute(step)
+
+    def shutdown(self) -> None:
+        pass
 
 
 # -- a model-free executor -------------------------------------------------------------------------------------------
@@ -73,3 +102,25 @@ def fake_reference(prompt: list[int], max_tokens: int, vocab: int = 1000) -> lis
         out.append(t)
         ctx.append(t)
     return out
+
+
+def run_to_completion(engine, max_steps: int = 100_000) -> dict:
+    """Step until no request is left; the final output of each request that finished, by id."""
+    final = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return final
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    raise AssertionError("engine did not finish")
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
