@@ -78,7 +78,9 @@ class LLM:
                 try:
                     reqs.append(engine.prepare_request(p, sp))
                 except ValueError as e:
-                    raise type(e)(f"prompt {i}: {e}") if len(plist) > 1 else e
+                    if len(plist) == 1:
+                        raise
+                    raise type(e)(f"prompt {i}: {e}") from None
         except BaseException:
             for r in reqs:  # release the reserved ids
                 engine._retire(r)
