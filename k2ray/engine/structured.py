@@ -1,0 +1,247 @@
+"""Grammar-constrained decoding with xgrammar: tool calls in Kimi's format, JSON schemas, regexes, choices, EBNF.
+
+Why xgrammar: it runs on CPU (C++ with its own thread pool), accepts a raw byte vocabulary (tiktoken's), ships the
+Kimi-K2 tool-call structural tag (reasoning prefix, ``<|tool_calls_section_begin|>`` section, per-tool argument
+schemas, auto/required/forced), and computes a token bitmask in tens of microseconds per request.
+
+Kimi's markers are special tokens whose text could otherwise be "spelled" inside a JSON string, or spelled out of
+ordinary tokens where the grammar wants the marker. The grammar vocabulary therefore gives each marker a sentinel
+spelling that starts with a control byte (``\x01``) — which JSON strings cannot hold — and removes the ordinary
+tokens containing that byte, so the marker can only be produced as its special token. Every other special token gets
+an empty spelling, which xgrammar never allows. Ordinary tokens holding other control bytes (tab, carriage return,
+...) are left out too: xgrammar's length-bounded JSON strings would otherwise admit them raw, which JSON forbids
+(constrained outputs use spaces and newlines for layout). Stop tokens end the output once the grammar is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Literal, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+
+TOOL_MARKERS = (
+    "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>",
+    "<|tool_call_section_begin|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+)
+THINK_MARKERS = ("<think>", "</think>")
+MARKERS = THINK_MARKERS + TOOL_MARKERS
+
+
+class GrammarError(ValueError):
+    """A guided-decoding request cannot be compiled (bad JSON schema, regex, grammar or tool list)."""
+
+
+def _sentinel(marker: str) -> str:
+    return "\x01" + marker + "\x02"
+
+
+class GuidedDecoding(BaseModel):
+    """What the output must match. Exactly one of the constraint fields is set.
+
+    ``tools`` + ``tool_choice`` constrain the tool-call section (``auto``: free text, but once the model opens a
+    tool section the calls are constrained; ``required``: at least one call; ``{"name": ...}``: that function).
+    ``thinking`` lets a free ``…</think>`` reasoning block come first.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_schema: Optional[Union[dict, str]] = None
+    json_object: bool = False
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None  # EBNF (GBNF-style) as xgrammar reads it
+    tools: Optional[list[dict]] = None
+    tool_choice: Union[Literal["auto", "required"], dict] = "auto"
+    parallel_tool_calls: bool = True
+    thinking: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "GuidedDecoding":
+        kinds = [
+            k for k in ("json_schema", "regex", "choice", "grammar", "tools")
+            if getattr(self, k) is not None
+        ] + (["json_object"] if self.json_object else [])
+        if len(kinds) != 1:
+            raise ValueError(f"guided decoding needs exactly one constraint, got {kinds or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice: must list at least one string")
+        return self
+
+    def key(self) -> str:
+        return self.model_dump_json()
+
+
+def _harden_schema(node: Any) -> Any:
+    """Rewrite length-bounded plain strings as an equivalent pattern that excludes control characters.
+
+    xgrammar 0.2.x compiles ``minLength``/``maxLength`` strings to a character class that admits raw control bytes
+    (invalid JSON, and a way to reach marker sentinels); a pattern keeps the bound and the JSON rules.
+    """
+    if isinstance(node, list):
+        return [_harden_schema(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _harden_schema(v) for k, v in node.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    plain = not any(k in out for k in ("pattern", "format", "enum", "const"))
+    if out.get("type") == "string" and bounded and plain:
+        lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
+        out["pattern"] = "^[^\"\\\\\\x00-\\x1f]{%d,%s}$" % (lo, "" if hi is None else int(hi))
+    return out
+
+
+def _tool_format(guided: GuidedDecoding) -> dict:
+    """The tool-call part from xgrammar's built-in Kimi-K2 structural tag (no reasoning prefix)."""
+    import xgrammar as xgr
+
+    tools = [dict(t) if isinstance(t, dict) else t for t in guided.tools or []]
+    for t in tools:
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and "parameters" in t["function"]:
+            t["function"] = {**t["function"], "parameters": _harden_schema(t["function"]["parameters"])}
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise GrammarError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+    choice: Any = guided.tool_choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+        if name not in {t["function"]["name"] for t in tools}:
+            raise GrammarError(f"tool_choice: function {name!r} is not among the declared tools")
+        choice = {"type": "function", "function": {"name": name}}
+    if not tools:
+        raise GrammarError("tools: at least one tool is needed for a constrained tool call")
+    try:
+        st = xgr.get_builtin_structural_tag(
+            "kimi", tools=tools, tool_choice=choice, reasoning="disabled",
+            parallel_tool_calls=guided.parallel_tool_calls,
+        )
+    except Exception as e:
+        raise GrammarError(f"tools: {e}") from None
+    fmt = json.loads(st.model_dump_json())["format"]
+    # Call indexes: bounded digits (a conversation of thousands of calls is still covered).
+    return json.loads(json.dumps(fmt).replace(json.dumps(r"\d+"), json.dumps(r"\d{1,5}")))
+
+
+def _body_format(guided: GuidedDecoding) -> dict:
+    if guided.tools is not None:
+        return _tool_format(guided)
+    if guided.json_object:
+        return {"type": "json_schema", "json_schema": {"type": "object"}}
+    if guided.json_schema is not None:
+        schema = guided.json_schema
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise GrammarError(f"json_schema: not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise GrammarError("json_schema: a JSON schema must be an object")
+        return {"type": "json_schema", "json_schema": _harden_schema(schema)}
+    if guided.regex is not None:
+        return {"type": "regex", "pattern": guided.regex}
+    if guided.choice is not None:
+        alts = " | ".join(json.dumps(c) for c in guided.choice)
+        return {"type": "grammar", "grammar": f"root ::= {alts}"}
+    return {"type": "grammar", "grammar": guided.grammar}
+
+
+def structural_tag(guided: GuidedDecoding) -> str:
+    """The xgrammar structural tag (JSON text) for ``guided``, markers spelled with their sentinels."""
+    body = _body_format(guided)
+    if guided.thinking:
+        # Free reasoning up to </think>; it may not open a tool section or repeat <think>.
+        reasoning = {
+            "type": "tag", "begin": "",
+            "content": {"type": "any_text", "excludes": list(TOOL_MARKERS) + ["<think>"]},
+            "end": "</think>",
+        }
+        body = {"type": "sequence", "elements": [reasoning, body]}
+    text = json.dumps({"type": "structural_tag", "format": body})
+    for m in MARKERS:
+        text = text.replace(json.dumps(m)[1:-1], json.dumps(_sentinel(m))[1:-1])
+    return text
+
+
+class GrammarMatcher:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, compiled, vocab_size: int):
+        import xgrammar as xgr
+
+        self._m = xgr.GrammarMatcher(compiled)
+        self.vocab_size = vocab_size
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token_id: int) -> bool:
+        return bool(self._m.accept_token(token_id))
+
+    @property
+    def terminated(self) -> bool:
+        return bool(self._m.is_terminated())
+
+
+class StructuredOutputs:
+    """Per model: the grammar vocabulary, a compiler with a cache, and batched mask computation."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], threads: int = 2):
+        import xgrammar as xgr
+
+        self.vocab_size = vocab_size
+        vocab: list[bytes] = []
+        for i in range(vocab_size):
+            if i >= tokenizer.vocab_size:
+                vocab.append(b"")  # padding rows of the embedding: never generated
+            elif tokenizer.is_special(i):
+                name = tokenizer.id_to_bytes(i).decode("utf-8")
+                vocab.append(_sentinel(name).encode() if name in MARKERS else b"")
+            else:
+                raw = tokenizer.id_to_bytes(i)
+                vocab.append(b"" if any(b < 0x20 and b != 0x0A for b in raw) else raw)
+        self.info = xgr.TokenizerInfo(
+            vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
+        )
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads, cache_enabled=True)
+        self._lock = threading.Lock()
+
+    def compile(self, guided: GuidedDecoding):
+        text = structural_tag(guided)
+        try:
+            with self._lock:
+                return self.compiler.compile_structural_tag(text)
+        except GrammarError:
+            raise
+        except Exception as e:
+            what = "json_schema" if guided.json_schema is not None or guided.json_object else (
+                "regex" if guided.regex is not None else "tools" if guided.tools is not None else "grammar"
+            )
+            raise GrammarError(f"{what}: cannot compile: {str(e).splitlines()[0][:300]}") from None
+
+    def matcher(self, guided: GuidedDecoding) -> GrammarMatcher:
+        return GrammarMatcher(self.compile(guided), self.vocab_size)
+
+    def allocate_bitmask(self, rows: int) -> torch.Tensor:
+        import xgrammar as xgr
+
+        return xgr.allocate_token_bitmask(rows, self.vocab_size)
+
+    @staticmethod
+    def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """int32 bitmask rows ``[n, ceil(V/32)]`` -> bool ``[n, V]`` (True = allowed)."""
+        bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+        return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+    def allowed_masks(self, matchers: list[GrammarMatcher]) -> torch.Tensor:
+        """Bool ``[len(matchers), V]`` of the tokens each matcher allows next."""
+        bm = self.allocate_bitmask(len(matchers))
+        for i, m in enumerate(matchers):
+            m.fill_bitmask(bm, i)
+        return self.bitmask_to_bool(bm, self.vocab_size)
