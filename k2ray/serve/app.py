@@ -1,0 +1,87 @@
+"""``build_app(args)``: the k2ray Ray Serve application (``import_path: k2ray.serve.app:build_app``).
+
+Two deployments:
+
+* ``OpenAIIngress`` — FastAPI, CPU only, autoscaled on ongoing requests.
+* ``K2Router`` — one replica per model group. Its placement group (``placement_group_bundles``) is bundle 0 for the
+  replica itself (``router_cpus`` / ``router_gpus``) followed by one bundle per attention worker and one per expert
+  shard (GPUs/CPUs per bundle from ``parallel``); the replica starts the workers inside it. Autoscaling this
+  deployment adds or removes whole model groups.
+
+``args`` is validated as :class:`k2ray.config.ServeArgs`. Deployment options set here are defaults: the deploy file's
+``deployments:`` section overrides them (autoscaling, ``max_ongoing_requests``, ...). Keep a ``K2Router``
+``ray_actor_options.num_cpus`` override at or below ``args.router_cpus``, which sizes bundle 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from k2ray.config import ServeArgs
+from k2ray.serve.ingress import OpenAIIngress
+from k2ray.serve.router import K2Router
+
+__all__ = ["build_app", "router_bundles", "router_options", "IngressDeployment", "RouterDeployment"]
+
+# The FastAPI app is built in each replica (OpenAIIngress.__serve_build_asgi_app__), never pickled.
+IngressDeployment = serve.deployment(name="OpenAIIngress")(serve.ingress()(OpenAIIngress))
+RouterDeployment = serve.deployment(name="K2Router")(K2Router)
+
+
+def _worker_bundles(args: ServeArgs) -> list[dict[str, float]]:
+    p = args.parallel
+    if hasattr(p, "bundles"):  # per-pool resources (attention vs expert pools)
+        bundles = p.bundles()
+    else:  # pragma: no cover - older ParallelConfig
+        b = {"CPU": p.cpus_per_worker} if p.cpus_per_worker else {}
+        if p.gpus_per_worker:
+            b["GPU"] = p.gpus_per_worker
+        bundles = [b] * (p.attention_workers + p.expert_shards)
+    return [dict(b) or {"CPU": 0.01} for b in bundles]
+
+
+def router_bundles(args: ServeArgs) -> list[dict[str, float]]:
+    """The placement group of one model group: the router replica, then its attention workers and expert shards."""
+    first: dict[str, float] = {"CPU": args.router_cpus} if args.router_cpus else {"CPU": 0.01}
+    if args.router_gpus:
+        first["GPU"] = args.router_gpus
+    if args.parallel.executor != "ray":
+        return [first]
+    return [first] + _worker_bundles(args)
+
+
+def router_options(args: ServeArgs) -> dict[str, Any]:
+    """Default Serve options of the K2Router deployment for these args."""
+    p = args.parallel
+    bundles = router_bundles(args)
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
+        "placement_group_bundles": bundles,
+        "placement_group_strategy": p.placement_strategy,
+        # Admit everything the engine may hold (running + its own bounded queue); the router answers 503 beyond
+        # max_queued_requests. Serve's own queue in front of the replicas is bounded the same way.
+        "max_ongoing_requests": args.engine.max_num_seqs + args.max_queued_requests + 8,
+        "max_queued_requests": args.max_queued_requests,
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 60.0,
+        "graceful_shutdown_timeout_s": 30.0,
+    }
+    selectors = p.bundle_label_selectors() if hasattr(p, "bundle_label_selectors") and p.executor == "ray" else []
+    if any(selectors):
+        opts["placement_group_bundle_label_selector"] = [{}] + selectors
+    return opts
+
+
+def build_app(args: dict[str, Any] | ServeArgs | None = None):
+    """The k2ray application for ``serve run`` / ``serve deploy`` / ``serve.run``."""
+    a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
+    plain = a.model_dump(mode="json")
+    router = RouterDeployment.options(**router_options(a)).bind(plain)
+    ingress = IngressDeployment.options(
+        ray_actor_options={"num_cpus": 0.25},
+        max_ongoing_requests=max(64, a.max_queued_requests + a.engine.max_num_seqs),
+        max_queued_requests=max(64, a.max_queued_requests * 2),
+    ).bind(router, plain)
+    return ingress

@@ -1,0 +1,219 @@
+"""Deploy files, build_app, model resolution — and the quick start for real: ``serve run`` on a copy of
+deploy/config.yaml (own port and empty cache; K2Router at 2 replicas of 1 attention worker + 1 expert shard each) in a
+subprocess, then the README's curl and openai-client calls, and both model groups serving traffic."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from k2ray.config import ConfigError, ServeArgs
+from k2ray.serve import models
+from k2ray.serve.app import build_app, router_bundles, router_options
+from serve_helpers import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY_FILES = ["deploy/config.yaml", "deploy/kimi-k2-thinking.yaml"]
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def _app_args(cfg: dict) -> ServeArgs:
+    return ServeArgs.model_validate(cfg["applications"][0]["args"])
+
+
+@pytest.mark.parametrize("name", DEPLOY_FILES)
+def test_deploy_file_validates(name):
+    cfg = _load(name)
+    schema = ServeDeploySchema.model_validate(cfg)
+    (app,) = schema.applications
+    assert app.import_path == "k2ray.serve.app:build_app"
+    args = _app_args(cfg)
+    deps = {d.name: d for d in app.deployments}
+    assert set(deps) == {"OpenAIIngress", "K2Router"}
+    for d in deps.values():
+        assert d.autoscaling_config, f"{d.name} needs an autoscaling_config"
+    router = cfg["applications"][0]["deployments"][1]
+    assert router["name"] == "K2Router"
+    # bundle 0 of every group is sized by args.router_cpus: an override must fit in it
+    assert router.get("ray_actor_options", {}).get("num_cpus", 0) <= args.router_cpus
+    assert router["max_ongoing_requests"] >= args.engine.max_num_seqs + args.max_queued_requests
+    assert router["max_queued_requests"] >= 1  # Serve's queue in front of the routers is bounded too
+    # build_app accepts the args without touching the model (Serve validates the options here)
+    build_app(cfg["applications"][0]["args"])
+
+
+def test_tiny_layout_fits_two_cpus():
+    args = _app_args(_load("deploy/config.yaml"))
+    cfg = _load("deploy/config.yaml")
+    group_cpus = sum(b["CPU"] for b in router_bundles(args))
+    ingress_cpus = cfg["applications"][0]["deployments"][0]["ray_actor_options"]["num_cpus"]
+    router_max = cfg["applications"][0]["deployments"][1]["autoscaling_config"]["max_replicas"]
+    assert group_cpus * router_max + ingress_cpus * 2 <= 2.0
+    assert args.model == "k2ray-tiny" and args.parallel.device == "cpu"
+
+
+def test_kimi_k2_thinking_layout():
+    args = _app_args(_load("deploy/kimi-k2-thinking.yaml"))
+    p, e = args.parallel, args.engine
+    bundles = router_bundles(args)
+    assert len(bundles) == 1 + p.attention_workers + p.expert_shards
+    assert sum(b.get("GPU", 0) for b in bundles) == 8 and "GPU" not in bundles[0]
+    opts = router_options(args)
+    assert opts["placement_group_strategy"] == "STRICT_PACK" and opts["placement_group_bundles"] == bundles
+    assert p.device == "cuda" and p.collective_backend == "nccl" and e.dtype == "bfloat16"
+    # memory plan (K2 facts: 60 MoE layers x 384 experts of 3 x 7168 x 2048, INT4 + bf16 scale per 32 weights)
+    gb = 1e9
+    per_expert = 60 * 3 * 7168 * 2048 * (0.5 + 2 / 32)
+    experts_per_shard = -(-(384 + p.redundant_experts) // p.expert_shards)
+    assert experts_per_shard * per_expert / gb < 141 * 0.85
+    kv_per_token = 61 * 576 * 2
+    assert e.kv_cache_memory_gb * (1 << 30) / kv_per_token > e.max_model_len * 2  # at least two full contexts
+    assert e.kv_cache_memory_gb + 25 < 141 * 0.85  # + replicated non-expert weights (~23 GB bf16)
+
+
+def test_build_app_bundles_and_options():
+    args = ServeArgs(parallel={"executor": "ray", "attention_workers": 2, "expert_shards": 3, "cpus_per_worker": 0.5},
+                     router_cpus=0.5, max_queued_requests=10, engine={"max_num_seqs": 6})
+    opts = router_options(args)
+    assert opts["placement_group_bundles"] == [{"CPU": 0.5}] * 6
+    assert opts["ray_actor_options"]["num_cpus"] == 0.5
+    assert opts["max_ongoing_requests"] >= 16 and opts["max_queued_requests"] == 10
+    local = ServeArgs(parallel={"executor": "local"}, router_cpus=1)
+    assert router_bundles(local) == [{"CPU": 1}]
+    with pytest.raises(ValueError):
+        ServeArgs(max_queued_requests=0)
+    with pytest.raises(ValueError):
+        ServeArgs(bogus=1)
+
+
+def _resolve_in_child(q):
+    q.put(str(models.resolve_model("k2ray-tiny")))
+
+
+def test_model_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("K2RAY_CACHE_DIR", str(tmp_path))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_resolve_in_child, args=(q,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    paths = {q.get(timeout=120) for _ in procs}
+    for p in procs:
+        p.join(30)
+    assert len(paths) == 1  # two processes racing: one writes, both get the same complete directory
+    d = Path(paths.pop())
+    assert d.parent == tmp_path / "models"
+    for f in ("config.json", "model.safetensors.index.json", "tiktoken.model", "chat_template.jinja"):
+        assert (d / f).is_file(), f
+    assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".k2ray-tiny.lock")] == [d.name]
+    assert models.resolve_model("k2ray-tiny") == d
+    assert models.resolve_model(str(d)) == d
+    with pytest.raises(ConfigError, match="neither a built-in"):
+        models.resolve_model(str(tmp_path / "nope"))
+    assert models.default_served_name("k2ray-tiny") == "k2ray-tiny"
+    assert models.default_served_name("/models/Kimi-K2-Thinking/") == "Kimi-K2-Thinking"
+    assert ServeArgs(model="/models/Kimi-K2-Thinking").model_name == "Kimi-K2-Thinking"
+    if not models.builtin_available("k2ray-demo"):
+        with pytest.raises(ConfigError, match="k2ray-demo"):
+            models.resolve_model("k2ray-demo")
+
+
+# -- the quick start, for real ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """``serve run`` on deploy/config.yaml with its own port and cache dir, two model groups of 1+1 workers."""
+    tmp = tmp_path_factory.mktemp("quickstart")
+    cfg = copy.deepcopy(_load("deploy/config.yaml"))
+    port = free_port()
+    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
+    app = cfg["applications"][0]
+    app["args"]["parallel"]["expert_shards"] = 1
+    router = app["deployments"][1]
+    router.pop("autoscaling_config")
+    router["num_replicas"] = 2
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cache = tmp / "cache"
+    env = {**os.environ, "K2RAY_CACHE_DIR": str(cache), "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
+    log = open(tmp / "serve.log", "w")
+    serve_bin = Path(sys.executable).with_name("serve")  # the `serve` CLI of this interpreter's Ray
+    cmd = [str(serve_bin)] if serve_bin.is_file() else [sys.executable, "-m", "ray.serve.scripts"]
+    proc = subprocess.Popen(cmd + ["run", str(path)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def healthy():
+            if proc.poll() is not None:
+                raise AssertionError(f"serve run exited: {(tmp / 'serve.log').read_text()[-3000:]}")
+            try:
+                return httpx.get(base + "/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 240, 1.0, "serve run deploy/config.yaml to become healthy")
+        yield base, cache
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        log.close()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_quickstart_curl_and_openai(quickstart):
+    base, cache = quickstart
+    assert any((p / "config.json").is_file() for p in (cache / "models").iterdir())  # written on first start
+    out = subprocess.run(
+        ["curl", "-s", f"{base}/v1/chat/completions", "-H", "Content-Type: application/json", "-d",
+         '{"model": "k2ray-tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'],
+        capture_output=True, text=True, timeout=120,
+    )
+    import json
+
+    body = json.loads(out.stdout)
+    assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model="k2ray-tiny", messages=[{"role": "user", "content": "Hi"}])
+    assert r.usage.completion_tokens <= 128  # default_max_tokens of the deploy file
+    stream = client.completions.create(model="k2ray-tiny", prompt="Once upon", max_tokens=8, stream=True)
+    assert len([c for c in stream if c.choices]) >= 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_model_groups_serve_traffic(quickstart):
+    base, _ = quickstart
+    seen: dict[str, int] = {}
+    layouts = set()
+    deadline = time.monotonic() + 120
+    with httpx.Client(base_url=base, timeout=120) as c:
+        while (len(seen) < 2 or min(seen.values()) < 2) and time.monotonic() < deadline:
+            r = c.post("/v1/completions", json={"model": "k2ray-tiny", "prompt": "count", "max_tokens": 4,
+                                                "temperature": 0})
+            assert r.status_code == 200, r.text
+            seen[r.headers["x-k2ray-group"]] = seen.get(r.headers["x-k2ray-group"], 0) + 1
+            lay = c.get("/v1/k2ray/layout").json()
+            assert len(lay["attention_workers"]) == 1 and len(lay["expert_shards"]) == 1
+            layouts.add(lay["group"])
+    assert len(seen) == 2 and min(seen.values()) >= 2, seen
+    assert layouts <= set(seen)
