@@ -512,12 +512,13 @@ class LLMEngine:
 
     # -- async front ----------------------------------------------------------------------------------------------
     async def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt | Request, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its :class:`RequestOutput` after every step that advanced it (the last one
-        has ``finished=True``). Leaving the loop early aborts the request. Raises ValueError for an invalid request
+        has ``finished=True``). ``prompt`` may also be a :class:`Request` from :meth:`prepare_request` (validate
+        first, stream later). Leaving the loop early aborts the request. Raises ValueError for an invalid request
         and :class:`EngineDeadError` if the engine fails or shuts down meanwhile."""
-        req = self.prepare_request(prompt, params, request_id)
+        req = prompt if isinstance(prompt, Request) else self.prepare_request(prompt, params, request_id)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._ensure_loop()

@@ -49,6 +49,13 @@ def test_concurrent_streams_match_sync_results(make_engine):
     # text prompts go through the tokenizer
     outs = asyncio.run(_collect(engine, "hello", SamplingParams(temperature=0.0, max_tokens=4)))
     assert outs[-1].prompt == "hello" and outs[-1].prompt_token_ids == engine.tokenizer.encode("hello")
+    # validate first, stream later
+    req = engine.prepare_request(prompts[0], params[0], request_id="pre")
+    outs = asyncio.run(_collect(engine, req, None))
+    assert outs[-1].request_id == "pre" and outs[-1].outputs[0].token_ids == expected[0].token_ids
+    m = engine.metrics()
+    assert m["num_running"] == 0 and m["num_finished"] == 8 and m["num_generation_tokens"] > 0
+    assert set(m["phase_time_s"]) == {"schedule", "execute", "process"}
 
 
 def test_leaving_a_stream_aborts_its_request(make_engine):
