@@ -68,7 +68,9 @@ class _InstrumentedExecutor:
         args = inner.args
         self._exchanges = max(1, len(args.moe_layers)) * max(1, getattr(inner, "num_partitions", 1))
         shards = getattr(getattr(inner, "parallel", None), "expert_shards", 1)
-        self._tracker = metrics.ExpertLoadTracker(model, args.n_routed_experts, shards, interval_s=5.0)
+        # Flushed by the router's poller thread (flush_expert_load), not on the step path.
+        self._tracker = metrics.ExpertLoadTracker(model, args.n_routed_experts, shards, interval_s=float("inf"))
+        self._tracker_lock = threading.Lock()
         self._shards = shards
 
     def __getattr__(self, name: str) -> Any:
@@ -96,10 +98,15 @@ class _InstrumentedExecutor:
                     counts = np.zeros((self._inner.args.n_routed_experts, self._shards), dtype=np.int64)
                     for (e, s), n in et.items():
                         counts[e, s] += n
-                    self._tracker.add(counts)
+                    with self._tracker_lock:
+                        self._tracker.add(counts)
             except Exception:  # metrics never break a step
                 log.debug("step metrics failed", exc_info=True)
         return out
+
+    def flush_expert_load(self) -> None:
+        with self._tracker_lock:
+            self._tracker.flush()
 
 
 def _replica_id() -> str:
@@ -350,6 +357,8 @@ class K2Router:
                 running.set(eng.num_running)
                 waiting.set(eng.num_waiting)
                 kv.set(eng.kv_cache_usage())
+                if self.executor is not None:
+                    self.executor.flush_expert_load()
             except Exception:
                 log.debug("gauge poll failed", exc_info=True)
 

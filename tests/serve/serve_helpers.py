@@ -28,7 +28,7 @@ def wait_until(pred, timeout: float, interval: float = 0.2, what: str = "conditi
 
 
 @contextlib.contextmanager
-def serve_app(args: dict, cache_dir, num_cpus: int = 8):
+def serve_app(args: dict, cache_dir, num_cpus: int = 8, **ray_init_kwargs):
     """Start Ray (logical CPUs: ``num_cpus``) and Serve on a free loopback port, deploy ``build_app(args)``; yields
     the base URL. The tiny checkpoint is written into ``cache_dir`` by the replicas (first start)."""
     import ray
@@ -36,7 +36,7 @@ def serve_app(args: dict, cache_dir, num_cpus: int = 8):
 
     old = os.environ.get("K2RAY_CACHE_DIR")
     os.environ["K2RAY_CACHE_DIR"] = str(cache_dir)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, **{"include_dashboard": False, "log_to_driver": False, **ray_init_kwargs})
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -71,3 +71,15 @@ def assert_openai_error(resp: httpx.Response, status: int, code: str | None = No
     if param is not None:
         assert err["param"] == param, err
     return err
+
+
+def scrape(url: str) -> list[tuple[str, dict, float]]:
+    """Every sample of a Prometheus text endpoint as ``(name, labels, value)``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def metric_sum(samples, name: str, **labels) -> float:
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == str(x) for k, x in labels.items()))

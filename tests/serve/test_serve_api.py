@@ -17,7 +17,7 @@ import openai
 import psutil
 import pytest
 
-from serve_helpers import assert_openai_error, serve_app, wait_until
+from serve_helpers import assert_openai_error, free_port, metric_sum, scrape, serve_app, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -50,10 +50,14 @@ WEATHER_TOOL = {
 HI = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     cache = tmp_path_factory.mktemp("k2ray-cache")
-    with serve_app(ARGS, cache) as url:
+    metrics = {"_metrics_export_port": METRICS_PORT, "_system_config": {"metrics_report_interval_ms": 1000}}
+    with serve_app(ARGS, cache, **metrics) as url:
         # first start wrote the tiny checkpoint into the (empty) cache directory
         assert any((p / "config.json").is_file() for p in (cache / "models").iterdir())
         yield url
@@ -407,6 +411,45 @@ def test_overload_answers_503_at_once(base, http):
     assert max(t for _, t in rejected) < max(t for _, t in ok)  # rejected at once, not after waiting
     assert httpx.get(base + "/health").status_code == 200
     assert stats(http)["num_running"] == 0
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------------
+def test_metrics_recorded(client, http):
+    """Ingress and router record through k2ray.metrics; values reach Ray's node metrics endpoint."""
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    m = {"model": MODEL}
+
+    def settled():  # earlier tests' values arrive up to a report interval late
+        a = metric_sum(scrape(url), "ray_k2ray_generation_tokens_total", **m)
+        time.sleep(1.5)
+        s = scrape(url)
+        return s if metric_sum(s, "ray_k2ray_generation_tokens_total", **m) == a else None
+
+    s0 = wait_until(settled, 30, 0, "metrics to settle")
+    gen0 = metric_sum(s0, "ray_k2ray_generation_tokens_total", **m)
+    done0 = metric_sum(s0, "ray_k2ray_requests_total", finish_reason="length", **m)
+    e404 = metric_sum(s0, "ray_k2ray_request_errors_total", status="404", **m)
+    client.completions.create(model=MODEL, prompt="count the tokens", max_tokens=7, temperature=0,
+                              extra_body={"ignore_eos": True})
+    assert http.post(CHAT, json={**OK_CHAT, "model": "nope"}).status_code == 404
+
+    def updated():
+        s = scrape(url)
+        ok = (metric_sum(s, "ray_k2ray_generation_tokens_total", **m) == gen0 + 7
+              and metric_sum(s, "ray_k2ray_requests_total", finish_reason="length", **m) == done0 + 1
+              and metric_sum(s, "ray_k2ray_request_errors_total", status="404", **m) == e404 + 1)
+        return s if ok else None
+
+    s = wait_until(updated, 30, 0.5, "metrics to reach the node's endpoint")
+    names = {n for n, _, _ in s}
+    for name in ("ray_k2ray_prompt_tokens_total", "ray_k2ray_time_to_first_token_seconds_count",
+                 "ray_k2ray_inter_token_latency_seconds_count", "ray_k2ray_e2e_request_latency_seconds_count",
+                 "ray_k2ray_step_seconds_count", "ray_k2ray_all_to_all_seconds_count", "ray_k2ray_requests_running",
+                 "ray_k2ray_requests_waiting", "ray_k2ray_kv_cache_usage_ratio", "ray_k2ray_expert_tokens_total",
+                 "ray_k2ray_expert_shard_imbalance_ratio"):
+        assert name in names, name
+    assert metric_sum(s, "ray_k2ray_step_seconds_count", phase="decode", **m) > 0
+    assert metric_sum(s, "ray_k2ray_all_to_all_seconds_count", op="combine", **m) > 0
 
 
 # -- failure and recovery (last: it replaces the model group's workers) ------------------------------------------------

@@ -1,0 +1,120 @@
+"""The agentic loop against the trained demo model (built-in ``k2ray-demo``) through the whole Serve stack and the
+official openai client: declare tools, receive the parsed ``tool_calls`` (with ``reasoning_content``), send the tool
+result back, receive the final answer. Greedy decoding; a model group of 1 attention worker + 2 expert shards.
+
+Until the demo checkpoint is in the package (``k2ray/assets/k2ray-demo``) these tests are xfailed with the reason
+"demo model not landed"; they run by themselves once it resolves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import openai
+import pytest
+
+from k2ray.serve.models import builtin_available
+from serve_helpers import serve_app
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "k2ray-demo"
+ARGS = {
+    "model": MODEL,
+    "engine": {"num_kv_blocks": 256, "block_size": 16, "max_num_seqs": 4},
+    "parallel": {"executor": "ray", "attention_workers": 1, "expert_shards": 2, "cpus_per_worker": 0.5},
+    "router_cpus": 0.5,
+}
+
+
+def _demo_tools() -> list[dict]:
+    """The tool declarations the demo model was trained with (taken from its training script when present)."""
+    path = ROOT / "tools" / "train_demo.py"
+    if path.is_file():
+        try:
+            spec = importlib.util.spec_from_file_location("k2ray_train_demo", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return list(mod.TOOLS)
+        except Exception:
+            pass
+    return [
+        {"type": "function", "function": {
+            "name": "get_weather", "description": "Get the current weather in a city.",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "description": "The name of the city, e.g. Paris"}}, "required": ["city"]}}},
+        {"type": "function", "function": {
+            "name": "calculator", "description": "Evaluate an arithmetic expression and return the result.",
+            "parameters": {"type": "object", "properties": {
+                "expression": {"type": "string", "description": "The expression to evaluate, e.g. 12 * 7"}},
+                "required": ["expression"]}}},
+    ]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    if not builtin_available(MODEL):
+        pytest.xfail("demo model not landed")
+    with serve_app(ARGS, tmp_path_factory.mktemp("k2ray-cache")) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _first_turn(client, tools, stream: bool):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "What's the weather in Paris?"}], tools=tools,
+              temperature=0, max_tokens=160)
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        ch = r.choices[0]
+        return ch.message.model_dump(exclude_none=True), ch.finish_reason
+    calls: dict[int, dict] = {}
+    msg = {"role": "assistant", "content": "", "reasoning_content": ""}
+    finish = None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        msg["content"] += d.content or ""
+        msg["reasoning_content"] += (d.model_extra or {}).get("reasoning_content") or ""
+        for tc in d.tool_calls or []:
+            c = calls.setdefault(tc.index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            if tc.id:
+                c["id"] = tc.id
+            if tc.function and tc.function.name:
+                c["function"]["name"] = tc.function.name
+            if tc.function and tc.function.arguments:
+                c["function"]["arguments"] += tc.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    if calls:
+        msg["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return msg, finish
+
+
+def test_tool_call_round_trip(client):
+    tools = _demo_tools()
+    msg, finish = _first_turn(client, tools, stream=False)
+    assert finish == "tool_calls", msg
+    (call,) = msg["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert call["id"] == "functions.get_weather:0"
+    assert msg.get("reasoning_content"), "the think block is returned as reasoning_content"
+    # streaming gives the same assistant turn
+    smsg, sfinish = _first_turn(client, tools, stream=True)
+    assert sfinish == "tool_calls"
+    assert smsg["tool_calls"] == msg["tool_calls"] and smsg["reasoning_content"] == msg["reasoning_content"]
+    # send the tool result back: the final answer uses it
+    result = json.dumps({"city": "Paris", "temperature_c": 22, "condition": "sunny"})
+    messages = [
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {"role": "assistant", "content": msg.get("content") or "", "reasoning_content": msg["reasoning_content"],
+         "tool_calls": msg["tool_calls"]},
+        {"role": "tool", "tool_call_id": call["id"], "content": result},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, temperature=0, max_tokens=160)
+    final = r.choices[0]
+    assert final.finish_reason == "stop", final
+    assert not final.message.tool_calls
+    assert "22" in (final.message.content or ""), final.message
