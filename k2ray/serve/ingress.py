@@ -518,22 +518,41 @@ class OpenAIIngress:
         elif choice == "auto" and tools and not self.args.enable_auto_tool_choice:
             raise _bad("tool_choice: 'auto' is disabled on this server (enable_auto_tool_choice: false)",
                        "tool_choice")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise _bad(f"response_format: type {req.response_format.type!r} is not supported yet", "response_format")
         if req.n < 1:
             raise _bad(f"n: must be at least 1 (got {req.n})", "n")
+        guided_field = self.info.get("guided_field")  # engine support for grammar-constrained decoding
+        rf = req.response_format
+        if rf is not None and rf.type != "text" and (not guided_field or rf.type not in ("json_object",
+                                                                                          "json_schema")):
+            raise _bad(f"response_format: type {rf.type!r} is not supported", "response_format")
 
         cp = await self._render_chat(req.messages, None if choice == "none" else tools, req.add_generation_prompt,
                                      req.chat_template_kwargs)
         thinking = self.args.enable_reasoning and cp.thinking
         parse_tools = choice != "none"
-        # Forced tool calls: open the tool-call section for the model (a grammar, when there is one, constrains
-        # what follows; without one the model's text is parsed and degrades to content if it is no valid call).
+        guided = None
         prefill = ""
-        if named is not None:
+        strict = any(t["function"].get("strict") for t in tools or [])
+        if guided_field and tools and (named is not None or choice == "required" or (choice == "auto" and strict)):
+            # The engine constrains the tool-call section to the declared functions and their argument schemas.
+            guided = {"tools": tools, "tool_choice": {"name": named} if named is not None else choice,
+                      "thinking": thinking}
+        elif named is not None:
+            # No grammar: open the call for the model; its text is parsed and degrades to content if no valid call.
             prefill = f"{_TOOL_SECTION_BEGIN}{_TOOL_CALL_BEGIN}functions.{named}:{cp.tool_call_offset}{_TOOL_ARG_BEGIN}"
         elif choice == "required":
             prefill = f"{_TOOL_SECTION_BEGIN}{_TOOL_CALL_BEGIN}functions."
+        if guided is None and rf is not None and rf.type == "json_object":
+            guided = {"json_object": True}
+        elif guided is None and rf is not None and rf.type == "json_schema":
+            schema = (getattr(rf, "json_schema", None) or {})
+            schema = schema.get("schema") if isinstance(schema, dict) else None
+            if not isinstance(schema, dict):
+                raise _bad("response_format.json_schema.schema: expected a JSON schema object",
+                           "response_format.json_schema.schema")
+            guided = {"json_schema": schema}
+        if guided is not None and "tools" not in guided:
+            thinking = False  # the whole output is the constrained JSON: it is content
         ids = list(cp.token_ids)
         if prefill:
             ids += tok.encode_with_specials(tok.split_special(prefill))
@@ -541,6 +560,8 @@ class OpenAIIngress:
         max_tokens = self._max_tokens(req.requested_max_tokens, len(ids), "messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
         sampling = self._sampling(req, max_tokens, k, None, skip_special=False)
+        if guided is not None:
+            sampling[guided_field] = guided
         rid = P.random_id("chatcmpl")
         gen, first = await self._open({"request_id": rid, "prompt_token_ids": ids, "sampling": sampling})
         hidden = self._special_names if req.skip_special_tokens else ()

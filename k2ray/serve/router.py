@@ -316,6 +316,7 @@ class K2Router:
             "max_model_len": eng.max_model_len,
             "vocab_size": eng.args.vocab_size,
             "eos_token_ids": sorted(eng.eos_token_ids),
+            "guided_field": _guided_field(),
         }
 
     def tokenizer_files(self) -> dict[str, bytes]:
@@ -369,6 +370,16 @@ class K2Router:
                 self.engine.shutdown()
         except Exception:
             pass
+
+
+def _guided_field() -> Optional[str]:
+    """The SamplingParams field that takes a grammar constraint (``GuidedDecoding``), if the engine has one."""
+    from k2ray.engine.sampling import SamplingParams
+
+    for name, f in SamplingParams.model_fields.items():
+        if "GuidedDecoding" in str(f.annotation):
+            return name
+    return None
 
 
 def _json_safe(obj: Any) -> Any:

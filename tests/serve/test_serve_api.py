@@ -306,6 +306,8 @@ BAD_INPUTS = [
     ("n-zero", CHAT, {**OK_CHAT, "n": 0}, None, 400, None, "n"),
     ("top_logprobs-without-logprobs", CHAT, {**OK_CHAT, "top_logprobs": 2}, None, 400, None, "top_logprobs"),
     ("logprobs-too-many", CMPL, {"model": MODEL, "prompt": "x", "logprobs": 50}, None, 400, None, "logprobs"),
+    ("response-format-unsupported", CHAT, {**OK_CHAT, "response_format": {"type": "yaml"}}, None, 400, None,
+     "response_format"),
     ("unknown-role", CHAT, {**OK_CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, None, 400, None,
      "messages"),
     ("missing-messages", CHAT, {"model": MODEL}, None, 400, None, "messages"),
@@ -341,8 +343,11 @@ def test_bad_input(http, case):
 
 def test_server_keeps_serving_after_bad_input(base, client):
     assert httpx.get(base + "/health").status_code == 200
-    r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=3, temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=3, temperature=0,
+                                       response_format={"type": "text"})
     assert r.choices[0].finish_reason in ("stop", "length")
+    r = httpx.get(base + "/v1/models", headers={"x-api-key": KEY})  # the other way to send the key
+    assert r.status_code == 200
 
 
 def test_openai_client_raises_typed_errors(base, client):
