@@ -158,6 +158,7 @@ class K2Router:
         p, cfg = self.args.parallel, self.args.engine
         if p.executor == "ray":
             import ray
+
             from k2ray.executor.ray import RayExecutor
 
             pg = ray.util.get_current_placement_group()

@@ -14,9 +14,7 @@ import time
 
 import httpx
 import openai
-import psutil
 import pytest
-
 from serve_helpers import assert_openai_error, free_port, metric_sum, scrape, serve_app, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -458,14 +456,27 @@ def test_metrics_recorded(client, http):
 
 
 # -- failure and recovery (last: it replaces the model group's workers) ------------------------------------------------
-def _my_expert_shards() -> list[psutil.Process]:
-    """ExpertShard actor processes of THIS test's Ray cluster (descendants of this process)."""
+def _my_expert_shards() -> list[int]:
+    """Pids of the ExpertShard actor processes of THIS test's Ray cluster (descendants of this process)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    parent[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    mine, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier and p not in mine}
+        mine |= frontier
     out = []
-    for p in psutil.Process(os.getpid()).children(recursive=True):
+    for pid in sorted(mine):
         try:
-            if "ExpertShard" in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"ExpertShard" in fh.read():
+                    out.append(pid)
+        except OSError:
             pass
     return out
 
@@ -475,7 +486,7 @@ def test_group_failure_fails_fast_and_recovers(base, client, http):
     before = client.completions.create(**kw).choices[0].text
     shards = _my_expert_shards()
     assert len(shards) == 2, shards
-    os.kill(shards[0].pid, signal.SIGKILL)
+    os.kill(shards[0], signal.SIGKILL)
     t0 = time.monotonic()
     r = http.post(CMPL, json={**kw, "extra_body": None, "ignore_eos": True, "max_tokens": 50})
     assert time.monotonic() - t0 < 90

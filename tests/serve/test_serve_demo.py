@@ -14,9 +14,9 @@ from pathlib import Path
 
 import openai
 import pytest
+from serve_helpers import serve_app
 
 from k2ray.serve.models import builtin_available
-from serve_helpers import serve_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
