@@ -36,7 +36,11 @@ def serve_app(args: dict, cache_dir, num_cpus: int = 8, **ray_init_kwargs):
 
     old = os.environ.get("K2RAY_CACHE_DIR")
     os.environ["K2RAY_CACHE_DIR"] = str(cache_dir)
-    ray.init(num_cpus=num_cpus, **{"include_dashboard": False, "log_to_driver": False, **ray_init_kwargs})
+    if ray.is_initialized():  # left over by another test module
+        ray.shutdown()
+    # address="local": always a fresh cluster of our own, even if another one runs on this machine
+    ray.init(address="local", num_cpus=num_cpus,
+             **{"include_dashboard": False, "log_to_driver": False, **ray_init_kwargs})
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

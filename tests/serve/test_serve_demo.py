@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import openai
@@ -37,7 +38,11 @@ def _demo_tools() -> list[dict]:
         try:
             spec = importlib.util.spec_from_file_location("k2ray_train_demo", path)
             mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
+            sys.modules[spec.name] = mod  # dataclasses look their module up there
+            try:
+                spec.loader.exec_module(mod)
+            finally:
+                sys.modules.pop(spec.name, None)
             return list(mod.TOOLS)
         except Exception:
             pass
