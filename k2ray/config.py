@@ -423,7 +423,7 @@ class ServeArgs(BaseModel):
     api_keys: list[str] = []  # empty: no authentication
     max_queued_requests: int = 256  # per router replica; beyond it requests get 503 at once
     enable_auto_tool_choice: bool = True
-    enable_reasoning: bool = True  # split <think>…</think> into reasoning_content
+    enable_reasoning: bool = True  # thinking models (template knows <think>): think block -> reasoning_content
     default_chat_template_kwargs: dict[str, Any] = {}
     max_request_bytes: int = 4 << 20  # larger request bodies get 413
     default_max_tokens: Optional[int] = None  # when a request sets none: None = up to the context length

@@ -188,6 +188,7 @@ class OpenAIIngress:
         self._special_names: tuple[str, ...] = ()
         self._max_token_bytes = 1
         self._tmpdir: Optional[tempfile.TemporaryDirectory] = None
+        self._template_thinks = True
         m = self.model_name
         self._ttft = metrics.TTFT.labels(model=m)
         self._itl = metrics.ITL.labels(model=m)
@@ -301,6 +302,8 @@ class OpenAIIngress:
             except FileNotFoundError:
                 self.template = None
             self._tmpdir = tmp
+            # Reasoning is split off only for thinking models (whose template knows <think>; not K2-Instruct).
+            self._template_thinks = self.template is not None and "think>" in self.template.source
             self.info = info
             self._special_names = tuple(tok.special_tokens)
             self._max_token_bytes = max(1, max(len(tok.id_to_bytes(i)) for i in range(tok.n_base_tokens)))
@@ -528,7 +531,7 @@ class OpenAIIngress:
 
         cp = await self._render_chat(req.messages, None if choice == "none" else tools, req.add_generation_prompt,
                                      req.chat_template_kwargs)
-        thinking = self.args.enable_reasoning and cp.thinking
+        thinking = self.args.enable_reasoning and self._template_thinks and cp.thinking
         parse_tools = choice != "none"
         guided = None
         prefill = ""
