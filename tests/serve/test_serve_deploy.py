@@ -66,7 +66,7 @@ def test_tiny_layout_fits_two_cpus():
     ingress_cpus = cfg["applications"][0]["deployments"][0]["ray_actor_options"]["num_cpus"]
     router_max = cfg["applications"][0]["deployments"][1]["autoscaling_config"]["max_replicas"]
     assert group_cpus * router_max + ingress_cpus * 2 <= 2.0
-    assert args.model == "k2ray-tiny" and args.parallel.device == "cpu"
+    assert args.model in models.BUILTIN_MODELS and args.parallel.device == "cpu"
 
 
 def test_kimi_k2_thinking_layout():
@@ -160,7 +160,7 @@ def quickstart(tmp_path_factory):
                 return False
 
         wait_until(healthy, 240, 1.0, "serve run deploy/config.yaml to become healthy")
-        yield base, cache
+        yield base, cache, _app_args(cfg)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -175,9 +175,11 @@ def quickstart(tmp_path_factory):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_quickstart_curl_and_openai(quickstart):
-    base, cache = quickstart
-    assert any((p / "config.json").is_file() for p in (cache / "models").iterdir())  # written on first start
-    data = '{"model": "k2ray-tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'
+    base, cache, args = quickstart
+    name = args.model_name
+    if args.model == "k2ray-tiny":
+        assert any((p / "config.json").is_file() for p in (cache / "models").iterdir())  # written on first start
+    data = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
     if shutil.which("curl"):  # the README's command
         out = subprocess.run(["curl", "-s", f"{base}/v1/chat/completions", "-H", "Content-Type: application/json",
                               "-d", data], capture_output=True, text=True, timeout=120)
@@ -187,22 +189,22 @@ def test_quickstart_curl_and_openai(quickstart):
                           headers={"Content-Type": "application/json"}, timeout=120).json()
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
-    r = client.chat.completions.create(model="k2ray-tiny", messages=[{"role": "user", "content": "Hi"}])
-    assert r.usage.completion_tokens <= 128  # default_max_tokens of the deploy file
-    stream = client.completions.create(model="k2ray-tiny", prompt="Once upon", max_tokens=8, stream=True)
+    r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}])
+    assert r.usage.completion_tokens <= (args.default_max_tokens or 1 << 30)
+    stream = client.completions.create(model=name, prompt="Once upon", max_tokens=8, stream=True)
     assert len([c for c in stream if c.choices]) >= 2
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_model_groups_serve_traffic(quickstart):
-    base, _ = quickstart
+    base, _, args = quickstart
     seen: dict[str, int] = {}
     layouts = set()
     deadline = time.monotonic() + 120
     with httpx.Client(base_url=base, timeout=120) as c:
         while (len(seen) < 2 or min(seen.values()) < 2) and time.monotonic() < deadline:
-            r = c.post("/v1/completions", json={"model": "k2ray-tiny", "prompt": "count", "max_tokens": 4,
+            r = c.post("/v1/completions", json={"model": args.model_name, "prompt": "count", "max_tokens": 4,
                                                 "temperature": 0})
             assert r.status_code == 200, r.text
             seen[r.headers["x-k2ray-group"]] = seen.get(r.headers["x-k2ray-group"], 0) + 1
