@@ -403,8 +403,11 @@ class LLMEngine:
                 delta = seq.detok.feed(tok)
                 if delta:
                     seq.text += delta
-                    if p.stop and n_out >= p.min_tokens and self._check_stop_strings(seq):
-                        reason = FinishReason.STOP
+                    if p.stop:
+                        if n_out < p.min_tokens:  # stop strings count only from min_tokens on
+                            seq.stop_checked = len(seq.text)
+                        elif self._check_stop_strings(seq):
+                            reason = FinishReason.STOP
         if reason is None and (
             (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len
         ):

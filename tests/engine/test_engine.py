@@ -269,6 +269,11 @@ def test_stop_strings(make_engine):
     rid = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=24, stop=stop,
                                                     include_stop_str_in_output=True, ignore_eos=True))
     assert run_to_completion(engine)[rid].outputs[0].text == text[: cut + len(stop)]
+    # before min_tokens a stop string does not count
+    rid = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=24, stop=stop, min_tokens=20,
+                                                    ignore_eos=True))
+    late = run_to_completion(engine)[rid].outputs[0]
+    assert late.text.startswith(text[: cut + len(stop)]) and len(late.token_ids) >= 20
 
 
 def test_streamed_text_never_shows_a_stop_string(make_engine):
