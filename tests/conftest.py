@@ -29,3 +29,15 @@ def tiny_model_dir(tmp_path_factory):
     from k2ray.checkpoint.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("k2ray-tiny"), seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ray_isolated_per_module():
+    """Each test module starts without a Ray connection and leaves none behind (modules start their own clusters)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()

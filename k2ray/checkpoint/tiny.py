@@ -167,7 +167,7 @@ def _layer_key(name: str) -> tuple[int, str]:
 def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the random-weight tiny checkpoint (deterministic for a given seed) and return its path."""
     from k2ray.config import ModelArgs
-    from k2ray.tokenizer.tokenizer import write_tokenizer_files
+    from k2ray.tokenizer.tiny import write_tokenizer_files
 
     config = tiny_config()
     args = ModelArgs.from_dict(config)
