@@ -166,6 +166,14 @@ def test_chat_n2_seeded(client):
     assert toks[0] != toks[1]  # two different samples
     again = client.chat.completions.create(**kw)
     assert [[e.token for e in c.logprobs.content] for c in again.choices] == toks  # seeded: reproducible
+    streamed: dict[int, list[str]] = {0: [], 1: []}
+    finished = []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += [e.token for e in (c.logprobs.content if c.logprobs else [])]
+            if c.finish_reason:
+                finished.append(c.index)
+    assert [streamed[0], streamed[1]] == toks and sorted(finished) == [0, 1]
 
 
 def test_max_completion_tokens(client):
