@@ -100,6 +100,48 @@ register("make-tiny", "write the tiny random-weight K2-format checkpoint", _make
 register("generate", "generate text with the offline engine", _generate_args, _generate_run)
 
 
+# -- train-demo --------------------------------------------------------------------------------------------------------
+_TRAIN_DEMO_OPTIONS = {  # tools/train_demo.py's options (defaults live there)
+    "--out": "checkpoint directory (default: the shipped k2ray/assets/k2ray-demo)",
+    "--seed": "seed of corpus, initialization and batches (default 0)",
+    "--dialogs": "training dialogues",
+    "--steps": "optimizer steps",
+    "--batch-tokens": "tokens computed per step",
+    "--lr": "peak learning rate",
+    "--qat-frac": "final fraction of steps with INT4 fake quantization of the routed experts",
+    "--threads": "torch CPU threads",
+    "--eval-only": "evaluate this checkpoint on the held-out set and exit",
+}
+
+
+def _train_demo_args(p: argparse.ArgumentParser) -> None:
+    for opt, help in _TRAIN_DEMO_OPTIONS.items():
+        p.add_argument(opt, default=None, help=help)
+    p.add_argument("--no-card", action="store_true", help="do not write the model card (README.md)")
+
+
+def _train_demo_run(args: argparse.Namespace) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "tools" / "train_demo.py"
+    if not script.is_file():
+        raise ValueError("train-demo needs a source checkout of k2ray (tools/train_demo.py not found)")
+    spec = importlib.util.spec_from_file_location("k2ray_train_demo", script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    argv = []
+    for opt in _TRAIN_DEMO_OPTIONS:
+        value = getattr(args, opt[2:].replace("-", "_"))
+        if value is not None:
+            argv += [opt, value]
+    return mod.main(argv + (["--no-card"] if args.no_card else []))
+
+
+register("train-demo", "train the k2ray-demo checkpoint (tools/train_demo.py)", _train_demo_args, _train_demo_run)
+
+
 def _one_line(e: Exception) -> str:
     errors = getattr(e, "errors", None)
     if callable(errors):  # pydantic ValidationError: the first problem, named
