@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from k2ray.config import EngineConfig, ModelArgs
-from k2ray.executor.base import StepInput, StepOutput
+from k2ray.config import EngineConfig
 
 
 @pytest.fixture(autouse=True)
@@ -19,19 +18,9 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def model_dir(request, tmp_path_factory):
+def model_dir(tiny_model_dir):
     """The full tiny checkpoint (weights + tokenizer files), as `k2ray make-tiny` writes it."""
-    try:
-        return request.getfixturevalue("tiny_model_dir")
-    except ImportError:  # make_tiny not usable yet in this tree: assemble the same files directly
-        from k2ray.checkpoint.tiny import random_state_dict, tiny_config, write_checkpoint
-        from k2ray.tokenizer import write_tokenizer_files
-
-        d = tmp_path_factory.mktemp("k2ray-tiny-engine")
-        cfg = tiny_config()
-        write_checkpoint(d, cfg, random_state_dict(ModelArgs.from_dict(cfg), seed=0))
-        write_tokenizer_files(d)
-        return d
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="session")

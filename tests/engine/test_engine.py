@@ -60,6 +60,7 @@ def _ray_available() -> bool:
 @pytest.fixture
 def executor_for(local_executor, model_dir):
     made = []
+    started_ray = []
 
     def build(kind: str):
         if kind == "local":
@@ -72,6 +73,7 @@ def executor_for(local_executor, model_dir):
 
         if not ray.is_initialized():
             ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+            started_ray.append(ray)
         ex = RayExecutor(model_dir, EngineConfig(block_size=4, num_kv_blocks=256),
                          ParallelConfig(executor="ray", attention_workers=2, expert_shards=2))
         made.append(ex)
@@ -80,6 +82,8 @@ def executor_for(local_executor, model_dir):
     yield build
     for ex in made:
         ex.shutdown()
+    for ray in started_ray:  # leave no cluster behind for later test modules
+        ray.shutdown()
 
 
 @pytest.mark.parametrize("kind", [
