@@ -143,6 +143,10 @@ class LLMEngine:
         self.num_finished = 0
         self.num_aborted = 0
         self.last_step_stats: dict = {}
+        self.num_constrained_requests = 0
+        self.grammar_mask_time_s = 0.0
+        self._structured = None  # StructuredOutputs, built on the first constrained request
+        self._structured_lock = threading.Lock()
         self.phase_time_s = {"schedule": 0.0, "execute": 0.0, "process": 0.0}
         # background loop
         self._thread: Optional[threading.Thread] = None
@@ -212,6 +216,14 @@ class LLMEngine:
             if request_id in self._reserved_ids:
                 raise ValueError(f"request_id: {request_id!r} is already in use")
             self._reserved_ids.add(request_id)
+        compiled = None
+        if params.guided_decoding is not None:
+            try:
+                compiled = self._grammars().compile(params.guided_decoding)
+            except BaseException:
+                with self._ids_lock:
+                    self._reserved_ids.discard(request_id)
+                raise
         req = Request(request_id, ids, params, prompt=text, arrival_time=arrival_time,
                       arrival_index=next(self._arrivals))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
@@ -223,6 +235,10 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), req, i, p)
             seq.stop_ids = stop_ids
             seq.min_tokens_ban = ban
+            if compiled is not None:
+                from k2ray.engine.structured import GrammarMatcher
+
+                seq.matcher = GrammarMatcher(compiled, self.args.vocab_size)
             if self.tokenizer is not None:
                 from k2ray.tokenizer import IncrementalDetokenizer
 
@@ -230,8 +246,22 @@ class LLMEngine:
             req.seqs.append(seq)
         return req
 
+    def _grammars(self):
+        """The model's grammar compiler (xgrammar), built on first use; needs the tokenizer."""
+        with self._structured_lock:
+            if self._structured is None:
+                if self.tokenizer is None:
+                    raise ValueError("guided: constrained decoding needs the model's tokenizer")
+                from k2ray.engine.structured import StructuredOutputs
+
+                stops = sorted(set(self.tokenizer.stop_token_ids) | set(self.eos_token_ids))
+                self._structured = StructuredOutputs(self.tokenizer, self.args.vocab_size, stops)
+            return self._structured
+
     def add_prepared(self, req: Request) -> str:
         """Queue a prepared request (owner thread only)."""
+        if req.params.guided_decoding is not None:
+            self.num_constrained_requests += 1
         self._requests[req.request_id] = req
         self.num_prompt_tokens += len(req.prompt_token_ids) * len(req.seqs)
         for seq in req.seqs:
@@ -313,6 +343,16 @@ class LLMEngine:
                     work.prompt_logprobs = req.params.prompt_logprobs
                     work.next_prompt_token = req.prompt_token_ids[end] if end < prompt_len else None
             works.append(work)
+        constrained = [w.sample for c, w in zip(sched.scheduled, works) if c.sample and c.seq.matcher is not None]
+        mask_s = 0.0
+        if constrained:
+            tm = time.perf_counter()
+            matchers = [c.seq.matcher for c in sched.scheduled if c.sample and c.seq.matcher is not None]
+            masks = self._structured.allowed_masks(matchers)
+            for sr, mask in zip(constrained, masks):
+                sr.allowed_mask = mask
+            mask_s = time.perf_counter() - tm
+            self.grammar_mask_time_s += mask_s
         t1 = time.perf_counter()
         try:
             result = self.executor.execute(StepInput(works))
@@ -356,6 +396,7 @@ class LLMEngine:
             "num_seqs": len(sched.scheduled), "num_batched_tokens": sched.num_batched_tokens,
             "num_prefill_tokens": sched.num_prefill_tokens, "num_decode_tokens": sched.num_decode_tokens,
             "num_preempted": len(sched.preempted),
+            "grammar_mask_s": mask_s, "num_constrained": len(constrained),
         }
         if result.stats:
             stats["executor"] = result.stats
@@ -380,6 +421,13 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, s) -> None:
         tok = s.token_id
+        if seq.matcher is not None and not seq.matcher.accept(tok):
+            # Cannot happen when the mask was applied; never let a grammar violation pass silently.
+            log.error("sequence %s: token %d rejected by its grammar", seq.seq_id, tok)
+            seq.request.error = "constrained decoding produced a token outside the grammar"
+            self.scheduler.remove(seq)
+            self._set_finished(seq, FinishReason.ERROR)
+            return
         seq.output_ids.append(tok)
         seq.cumulative_logprob += s.logprob
         self.num_generation_tokens += 1

@@ -80,7 +80,7 @@ class Sequence:
         "seq_id", "request", "index", "params", "output_ids", "logprobs", "cumulative_logprob", "num_computed",
         "partition", "block_table", "block_hashes", "num_published", "status", "finish_reason", "stop_reason",
         "detok", "text", "stop_checked", "sent_tokens", "sent_text", "num_preemptions", "sample_request",
-        "stop_ids", "min_tokens_ban", "holdback",
+        "stop_ids", "min_tokens_ban", "holdback", "matcher",
     )
 
     def __init__(self, seq_id: int, request: "Request", index: int, params: SamplingParams):
@@ -108,6 +108,7 @@ class Sequence:
         self.sample_request = None  # reused SampleRequest (see engine)
         self.stop_ids: frozenset[int] = frozenset()
         self.min_tokens_ban: list[int] = []
+        self.matcher = None  # grammar state when the output is constrained (k2ray.engine.structured)
         # Characters of text withheld from reports while running: a stop string could still complete over them.
         self.holdback = max((len(x) for x in params.stop), default=1) - 1
 

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from k2ray.engine.structured import GuidedDecoding
+
 _MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (dividing by them would overflow)
 
@@ -44,6 +46,7 @@ class SamplingParams(BaseModel):
     logprobs: Optional[int] = None  # top-k alternatives per generated token (the chosen token is always included)
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
+    guided_decoding: Optional[GuidedDecoding] = None  # grammar-constrained output (tool calls, JSON schema, regex, ...)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -31,6 +31,9 @@ TOOL_MARKERS = (
     "<|tool_call_end|>",
 )
 THINK_MARKERS = ("<think>", "</think>")
+# Whitespace allowed between JSON tokens: enough for compact or lightly indented JSON, and a bound on how long a
+# weak model can wander through layout instead of content.
+MAX_JSON_WHITESPACE = 4
 MARKERS = THINK_MARKERS + TOOL_MARKERS
 
 
@@ -120,7 +123,7 @@ def _tool_format(guided: GuidedDecoding) -> dict:
     try:
         st = xgr.get_builtin_structural_tag(
             "kimi", tools=tools, tool_choice=choice, reasoning="disabled",
-            parallel_tool_calls=guided.parallel_tool_calls,
+            parallel_tool_calls=guided.parallel_tool_calls, max_whitespace_cnt=MAX_JSON_WHITESPACE,
         )
     except Exception as e:
         raise GrammarError(f"tools: {e}") from None
@@ -133,7 +136,7 @@ def _body_format(guided: GuidedDecoding) -> dict:
     if guided.tools is not None:
         return _tool_format(guided)
     if guided.json_object:
-        return {"type": "json_schema", "json_schema": {"type": "object"}}
+        return {"type": "json_schema", "json_schema": {"type": "object"}, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
     if guided.json_schema is not None:
         schema = guided.json_schema
         if isinstance(schema, str):
@@ -143,7 +146,7 @@ def _body_format(guided: GuidedDecoding) -> dict:
                 raise GrammarError(f"json_schema: not valid JSON: {e}") from None
         if not isinstance(schema, dict):
             raise GrammarError("json_schema: a JSON schema must be an object")
-        return {"type": "json_schema", "json_schema": _harden_schema(schema)}
+        return {"type": "json_schema", "json_schema": _harden_schema(schema), "max_whitespace_cnt": MAX_JSON_WHITESPACE}
     if guided.regex is not None:
         return {"type": "regex", "pattern": guided.regex}
     if guided.choice is not None:
