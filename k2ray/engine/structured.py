@@ -63,6 +63,7 @@ class GuidedDecoding(BaseModel):
     tools: Optional[list[dict]] = None
     tool_choice: Union[Literal["auto", "required"], dict] = "auto"
     parallel_tool_calls: bool = True
+    call_index: Optional[int] = None  # index of the first call (``functions.NAME:IDX``): calls so far in the chat
     thinking: bool = False
 
     @model_validator(mode="after")
@@ -128,8 +129,11 @@ def _tool_format(guided: GuidedDecoding) -> dict:
     except Exception as e:
         raise GrammarError(f"tools: {e}") from None
     fmt = json.loads(st.model_dump_json())["format"]
-    # Call indexes: bounded digits (a conversation of thousands of calls is still covered).
-    return json.loads(json.dumps(fmt).replace(json.dumps(r"\d+"), json.dumps(r"\d{1,5}")))
+    # Call indexes: the exact next index for a single call, else bounded digits.
+    index = r"\d{1,5}"
+    if guided.call_index is not None and not guided.parallel_tool_calls:
+        index = str(int(guided.call_index))
+    return json.loads(json.dumps(fmt).replace(json.dumps(r"\d+"), json.dumps(index)))
 
 
 def _body_format(guided: GuidedDecoding) -> dict:

@@ -539,7 +539,8 @@ class OpenAIIngress:
         if guided_field and tools and (named is not None or choice == "required" or (choice == "auto" and strict)):
             # The engine constrains the tool-call section to the declared functions and their argument schemas.
             guided = {"tools": tools, "tool_choice": {"name": named} if named is not None else choice,
-                      "thinking": thinking}
+                      "thinking": thinking, "parallel_tool_calls": req.parallel_tool_calls is not False,
+                      "call_index": cp.tool_call_offset}
         elif named is not None:
             # No grammar: open the call for the model; its text is parsed and degrades to content if no valid call.
             prefill = f"{_TOOL_SECTION_BEGIN}{_TOOL_CALL_BEGIN}functions.{named}:{cp.tool_call_offset}{_TOOL_ARG_BEGIN}"

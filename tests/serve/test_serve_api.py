@@ -252,23 +252,27 @@ def test_tools_choices(client, http):
     r = client.chat.completions.create(tool_choice="none", **base_kw)
     assert not r.choices[0].message.tool_calls
     assert r.usage.prompt_tokens < with_tools  # "none": tools are not offered to the model
+    # Forced calls are grammar-constrained: even the random model returns a well-formed call to the declared tool
+    # with schema-valid arguments (thinking off so the budget goes to the call; short strings keep it brief).
+    short = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+        "additionalProperties": False}}}
+    forced_kw = dict(model=MODEL, messages=msgs, tools=[short], max_tokens=120, temperature=0,
+                     parallel_tool_calls=False, extra_body={"chat_template_kwargs": {"thinking": False}})
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        r = client.chat.completions.create(tool_choice=choice, **base_kw)
+        r = client.chat.completions.create(tool_choice=choice, **forced_kw)
         m = r.choices[0].message
-        # The random model cannot finish a call in 12 tokens: the forced call degrades to content, never a crash.
-        # A complete one would be a parsed tool call.
-        if m.tool_calls:
-            assert r.choices[0].finish_reason == "tool_calls"
-            json.loads(m.tool_calls[0].function.arguments)
-        else:
-            assert "functions." in (m.content or "")
-            if isinstance(choice, dict):
-                assert "get_weather" in m.content
+        assert r.choices[0].finish_reason == "tool_calls", m
+        assert [c.function.name for c in m.tool_calls] == ["get_weather"]
+        assert m.tool_calls[0].id == "functions.get_weather:0"
+        args = json.loads(m.tool_calls[0].function.arguments)
+        assert set(args) == {"city"} and isinstance(args["city"], str) and len(args["city"]) <= 8
     # streamed forced call == non-streamed
     named = {"type": "function", "function": {"name": "get_weather"}}
-    full = client.chat.completions.create(tool_choice=named, **base_kw).choices[0].message
-    chunks = list(client.chat.completions.create(tool_choice=named, stream=True, **base_kw))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (full.content or "")
+    full = client.chat.completions.create(tool_choice=named, **forced_kw).choices[0].message
+    chunks = list(client.chat.completions.create(tool_choice=named, stream=True, **forced_kw))
+    streamed = "".join(tc.function.arguments or "" for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or [])
+    assert streamed == full.tool_calls[0].function.arguments
 
 
 def test_tool_result_round_trip_plumbing(client, http):
