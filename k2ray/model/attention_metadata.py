@@ -42,17 +42,23 @@ class AttentionMetadata:
             start += n
         return cls(seqs=seqs)
 
-    def decode_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded ``block_tables [B, max_blocks]`` and ``context_lens [B]`` (int32) for the batched decode path."""
-        if "bt" not in self._decode:
-            width = max(len(s.block_table) for s in self.seqs)
-            bt = torch.zeros(len(self.seqs), width, dtype=torch.int32)
-            for i, s in enumerate(self.seqs):
-                bt[i, : len(s.block_table)] = s.block_table.to(torch.int32)
-            lens = torch.tensor([s.ctx_len for s in self.seqs], dtype=torch.int32)
-            self._decode["bt"], self._decode["lens"] = bt.to(device), lens.to(device)
-        return self._decode["bt"], self._decode["lens"]
+    def decode_seqs(self) -> list[int]:
+        """Indexes of the sequences with one new token and a cache: they take the batched absorbed-MLA path."""
+        if "idx" not in self._decode:
+            self._decode["idx"] = [i for i, s in enumerate(self.seqs) if s.q_len == 1 and s.block_table is not None]
+        return self._decode["idx"]
 
-    @property
-    def all_decode(self) -> bool:
-        return bool(self.seqs) and all(s.q_len == 1 and s.block_table is not None for s in self.seqs)
+    def decode_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the decode sequences: their flat-batch rows, padded ``block_tables [B, max_blocks]`` and
+        ``context_lens [B]`` (int32)."""
+        if "bt" not in self._decode:
+            seqs = [self.seqs[i] for i in self.decode_seqs()]
+            width = max(len(s.block_table) for s in seqs)
+            bt = torch.zeros(len(seqs), width, dtype=torch.int32)
+            for i, s in enumerate(seqs):
+                bt[i, : len(s.block_table)] = s.block_table.to(torch.int32)
+            lens = torch.tensor([s.ctx_len for s in seqs], dtype=torch.int32)
+            rows = torch.tensor([s.q_start for s in seqs], dtype=torch.long)
+            self._decode["bt"], self._decode["lens"] = bt.to(device), lens.to(device)
+            self._decode["rows"] = rows.to(device)
+        return self._decode["rows"], self._decode["bt"], self._decode["lens"]

@@ -71,11 +71,17 @@ class MLAttention(nn.Module):
         if kv_cache is not None:
             kv_cache.view(-1, kv_cache.shape[-1])[meta.slot_mapping] = latent.to(kv_cache.dtype)
 
-        if kv_cache is not None and meta.all_decode:
-            out = self._decode(q_nope, q_pe, kv_cache, meta)
-        else:
-            out = x.new_empty(n, self.num_heads, self.v_dim)
-            for s in meta.seqs:
+        out = x.new_empty(n, self.num_heads, self.v_dim)
+        decode = meta.decode_seqs() if kv_cache is not None else []
+        if decode:
+            # Single-token sequences go through the batched absorbed path even when the step also has prompt chunks.
+            rows, block_tables, context_lens = meta.decode_tensors(x.device)
+            out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, block_tables, context_lens)
+        if len(decode) < len(meta.seqs):
+            batched = set(decode)
+            for i, s in enumerate(meta.seqs):
+                if i in batched:
+                    continue
                 sl = slice(s.q_start, s.q_start + s.q_len)
                 if kv_cache is None:
                     if s.ctx_len != s.q_len:
@@ -101,14 +107,18 @@ class MLAttention(nn.Module):
         return torch.einsum("hqk,khd->qhd", probs, v)
 
     def _decode(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
     ) -> torch.Tensor:
         """Absorbed MLA for one new token per sequence, batched over sequences."""
         from k2ray.kernels import mla_decode
 
         w_uk, w_uv = self._absorbed_weights()
         q_latent = torch.einsum("bhn,hnl->bhl", q_nope, w_uk)
-        block_tables, context_lens = meta.decode_tensors(q_nope.device)
         out_latent = mla_decode(
             q_latent.to(kv_cache.dtype), q_pe.to(kv_cache.dtype), kv_cache, block_tables, context_lens, self.scale
         ).to(q_nope.dtype)
