@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Optional, Sequence as Seq
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Sequence as Seq
 
 from k2ray.config import EngineConfig, ParallelConfig
 from k2ray.engine.request import (
@@ -146,6 +146,10 @@ class LLMEngine:
         self.num_constrained_requests = 0
         self.grammar_mask_time_s = 0.0
         self._structured = None  # StructuredOutputs, built on the first constrained request
+        # Optional observers for a metrics layer (called on the step thread; exceptions are ignored):
+        # on_step(stats) after every step, on_first_schedule(request, queue_seconds) when a request first runs.
+        self.on_step: Optional[Callable[[dict], None]] = None
+        self.on_first_schedule: Optional[Callable[[Request, float], None]] = None
         self._structured_lock = threading.Lock()
         self.phase_time_s = {"schedule": 0.0, "execute": 0.0, "process": 0.0}
         # background loop
@@ -331,6 +335,13 @@ class LLMEngine:
         for c in sched.scheduled:
             seq = c.seq
             req = seq.request
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now = time.monotonic()  # the clock of arrival_time
+                if self.on_first_schedule is not None:
+                    try:
+                        self.on_first_schedule(req, max(0.0, now - req.arrival_time))
+                    except Exception:
+                        log.debug("on_first_schedule failed", exc_info=True)
             work = SeqWork(seq.seq_id, seq.token_at(c.start, c.start + c.num_new), c.start, seq.block_table,
                            seq.partition)
             if c.sample:
@@ -401,6 +412,11 @@ class LLMEngine:
         if result.stats:
             stats["executor"] = result.stats
         self.last_step_stats = stats
+        if self.on_step is not None:
+            try:
+                self.on_step(stats)
+            except Exception:
+                log.debug("on_step failed", exc_info=True)
         ph = self.phase_time_s
         ph["schedule"] += t1 - t0
         ph["execute"] += t2 - t1

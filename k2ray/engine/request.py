@@ -172,6 +172,7 @@ class Request:
         self.num_cached_tokens: Optional[int] = None
         self.error: Optional[str] = None
         self.first_token_time: Optional[float] = None
+        self.first_scheduled_time: Optional[float] = None  # when the scheduler first ran it (queue time ends)
         self.finish_time: Optional[float] = None
 
     @property

@@ -172,7 +172,12 @@ class K2Router:
     def _make_engine(self):
         from k2ray.engine.engine import LLMEngine
 
-        return LLMEngine(self.executor, self.args.engine, self.tokenizer, self.eos_token_ids)
+        engine = LLMEngine(self.executor, self.args.engine, self.tokenizer, self.eos_token_ids)
+        queue = metrics.QUEUE_TIME.labels(model=self.model_name)
+        mask = metrics.GRAMMAR_MASK_SECONDS.labels(model=self.model_name)
+        engine.on_first_schedule = lambda req, seconds: queue.observe(seconds)
+        engine.on_step = lambda st: mask.observe(st["grammar_mask_s"]) if st.get("num_constrained") else None
+        return engine
 
     # -- serving --------------------------------------------------------------------------------------------------
     async def generate(self, req: dict) -> AsyncIterator[dict]:
@@ -198,6 +203,8 @@ class K2Router:
                              "service_unavailable", "overloaded")
             return
         engine = self.engine
+        if params.guided_decoding is not None:
+            metrics.CONSTRAINED_REQUESTS_TOTAL.inc(model=self.model_name)
         self._inflight += params.n
         first = True
         finished: set[int] = set()

@@ -461,8 +461,9 @@ def test_metrics_recorded(client, http):
                  "ray_k2ray_inter_token_latency_seconds_count", "ray_k2ray_e2e_request_latency_seconds_count",
                  "ray_k2ray_step_seconds_count", "ray_k2ray_all_to_all_seconds_count", "ray_k2ray_requests_running",
                  "ray_k2ray_requests_waiting", "ray_k2ray_kv_cache_usage_ratio", "ray_k2ray_expert_tokens_total",
-                 "ray_k2ray_expert_shard_imbalance_ratio"):
-        assert name in names, name
+                 "ray_k2ray_expert_shard_imbalance_ratio", "ray_k2ray_queue_time_seconds_count",
+                 "ray_k2ray_constrained_requests_total", "ray_k2ray_grammar_mask_seconds_count"):
+        assert name in names, name  # (constrained requests come from test_tools_choices)
     assert metric_sum(s, "ray_k2ray_step_seconds_count", phase="decode", **m) > 0
     assert metric_sum(s, "ray_k2ray_all_to_all_seconds_count", op="combine", **m) > 0
 
