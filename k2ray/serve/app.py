@@ -61,9 +61,11 @@ def router_options(args: ServeArgs) -> dict[str, Any]:
         "placement_group_bundles": bundles,
         "placement_group_strategy": p.placement_strategy,
         # Admit everything the engine may hold (running + its own bounded queue); the router answers 503 beyond
-        # max_queued_requests. Serve's own queue in front of the replicas is bounded the same way.
+        # max_queued_requests. Serve's own queue in front of the replicas is bounded too, but as large as a
+        # replica's admission: a burst waits there only while the handle assigns it (a smaller bound rejected
+        # requests of a 32-client burst the engine had room for).
         "max_ongoing_requests": args.engine.max_num_seqs + args.max_queued_requests + 8,
-        "max_queued_requests": args.max_queued_requests,
+        "max_queued_requests": args.engine.max_num_seqs + args.max_queued_requests + 8,
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 60.0,
         "graceful_shutdown_timeout_s": 30.0,
