@@ -233,7 +233,8 @@ def run(args) -> int:
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "api_key"},
+            simple = (str, int, float, bool, list, type(None))
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "api_key" and isinstance(v, simple)},
                        "results": [asdict(s) for s in rows]}, f, indent=2)
     return 0
 

@@ -142,6 +142,24 @@ def _train_demo_run(args: argparse.Namespace) -> int:
 register("train-demo", "train the k2ray-demo checkpoint (tools/train_demo.py)", _train_demo_args, _train_demo_run)
 
 
+# -- bench serve -------------------------------------------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from k2ray.bench_serve import build_parser
+
+    p.add_argument("what", choices=["serve"], help="serve: HTTP load against an OpenAI-compatible endpoint")
+    build_parser(p)
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    from k2ray.bench_serve import run
+
+    return run(args)
+
+
+register("bench", "benchmarks (bench serve: HTTP load generator for any OpenAI-compatible server)", _bench_args,
+         _bench_run)
+
+
 def _one_line(e: Exception) -> str:
     errors = getattr(e, "errors", None)
     if callable(errors):  # pydantic ValidationError: the first problem, named

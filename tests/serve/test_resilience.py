@@ -144,6 +144,22 @@ def test_overload_gets_503_at_once_and_admitted_complete(base):
     assert httpx.get(base + "/health", timeout=10).status_code == 200
 
 
+def test_bench_serve_against_the_app(base, tmp_path):
+    """`k2ray bench serve` drives the real server and reports what it measured (JSON for comparisons)."""
+    from k2ray.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "serve", "--url", base, "--model", MODEL, "--concurrency", "1", "4", "--num-requests", "8",
+               "--duration", "30", "--max-tokens", "8", "--spread", "0", "--ignore-eos", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["label"] for r in rows] == ["c=1", "c=4"]
+    for r in rows:
+        assert r["requests"] == 8 and r["errors"] == 0
+        assert r["output_tokens_per_s"] > 0 and r["ttft_ms"]["p50"] > 0 and r["itl_ms"]["p50"] > 0
+        assert r["output_tokens_per_s"] * r["duration_s"] == pytest.approx(8 * 8, rel=0.01)
+
+
 def test_expert_shard_killed_under_load(base):
     kw = {"model": MODEL, "prompt": "Recovery check", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     before = httpx.post(base + "/v1/completions", json=kw, timeout=60).json()["choices"][0]["text"]
