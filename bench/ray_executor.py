@@ -74,7 +74,9 @@ def main():
     bs = 16
     need = max(args.batches) * -(-(PROMPT_LEN + args.steps + 2) // bs)
     engine = EngineConfig(num_kv_blocks=need, block_size=bs)
-    torch.set_num_threads(2)
+    # One torch thread everywhere: each Ray worker runs one, and a second OpenMP thread on a busy 2-core machine
+    # makes every small op wait for a descheduled peer.
+    torch.set_num_threads(1)
     local = LocalExecutor(model, engine)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     a, e = args.attention_workers, args.expert_shards
