@@ -94,7 +94,7 @@ def test_build_app_bundles_and_options():
     opts = router_options(args)
     assert opts["placement_group_bundles"] == [{"CPU": 0.5}] * 6
     assert opts["ray_actor_options"]["num_cpus"] == 0.5
-    assert opts["max_ongoing_requests"] >= 16 and opts["max_queued_requests"] == 10
+    assert opts["max_ongoing_requests"] >= 16 and opts["max_queued_requests"] == opts["max_ongoing_requests"]
     local = ServeArgs(parallel={"executor": "local"}, router_cpus=1)
     assert router_bundles(local) == [{"CPU": 1}]
     with pytest.raises(ValueError):

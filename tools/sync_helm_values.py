@@ -1,0 +1,62 @@
+"""Copy the application of deploy/*.yaml into the Helm chart's values (Helm cannot read files outside the chart).
+
+    python tools/sync_helm_values.py          # rewrite serve.args / serve.deployments of both values files
+    python tools/sync_helm_values.py --check  # exit 1 if they differ (tests/test_helm_chart.py checks this too)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PAIRS = [
+    ("deploy/config.yaml", "helm/k2ray/values.yaml"),
+    ("deploy/kimi-k2-thinking.yaml", "helm/k2ray/values-kimi-k2-thinking.yaml"),
+]
+
+
+def block(deploy_file: str) -> str:
+    app = yaml.safe_load((ROOT / deploy_file).read_text())["applications"][0]
+    deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
+    body = yaml.safe_dump({"args": app["args"], "deployments": deployments}, sort_keys=False, width=120)
+    lines = [f"  # args and deployments: generated from {deploy_file} by tools/sync_helm_values.py"]
+    lines += ["  " + line if line else line for line in body.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def synced(values_text: str, deploy_file: str) -> str:
+    lines = values_text.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("  args:") or line.startswith("  # args and"))
+    # The block ends at the first line after `deployments:` that is neither indented deeper nor blank/comment-only
+    # inside it: a serve-level key (two spaces) other than args/deployments, or a top-level key.
+    dep = next(i for i in range(start, len(lines)) if lines[i].startswith("  deployments:"))
+    end = next(
+        (i for i in range(dep + 1, len(lines))
+         if lines[i].strip() and not lines[i].startswith("    ") and not lines[i].lstrip().startswith("#")),
+        len(lines),
+    )
+    return "".join(lines[:start]) + block(deploy_file) + "".join(lines[end:])
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for deploy_file, values_file in PAIRS:
+        path = ROOT / values_file
+        old = path.read_text()
+        new = synced(old, deploy_file)
+        if new != old:
+            stale.append(values_file)
+            if not check:
+                path.write_text(new)
+    if check and stale:
+        print(f"stale: {', '.join(stale)} (run python tools/sync_helm_values.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
