@@ -87,3 +87,20 @@ def scrape(url: str) -> list[tuple[str, dict, float]]:
 
 def metric_sum(samples, name: str, **labels) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == str(x) for k, x in labels.items()))
+
+
+def descendant_pids() -> set[int]:
+    """Pids of every process below this one (this test's Ray cluster: raylet, workers, actors)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    parent[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    mine, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier and p not in mine}
+        mine |= frontier
+    return mine

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from serve_helpers import serve_app, wait_until
+from serve_helpers import descendant_pids, serve_app, wait_until
 from test_serve_api import _my_expert_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -40,18 +40,7 @@ def base(tmp_path_factory):
 
 def _tree_rss_mb() -> dict[int, float]:
     """RSS of every process of this test's Ray cluster (descendants of this process), in MB."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as fh:
-                    parent[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    mine, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier and p not in mine}
-        mine |= frontier
+    mine = descendant_pids()
     out = {}
     for pid in mine:
         try:

@@ -15,7 +15,8 @@ import time
 import httpx
 import openai
 import pytest
-from serve_helpers import assert_openai_error, free_port, metric_sum, scrape, serve_app, wait_until
+from serve_helpers import (assert_openai_error, descendant_pids, free_port, metric_sum, scrape, serve_app,
+                           wait_until)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -471,18 +472,7 @@ def test_metrics_recorded(client, http):
 # -- failure and recovery (last: it replaces the model group's workers) ------------------------------------------------
 def _my_expert_shards() -> list[int]:
     """Pids of the ExpertShard actor processes of THIS test's Ray cluster (descendants of this process)."""
-    parent: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as fh:
-                    parent[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    mine, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier and p not in mine}
-        mine |= frontier
+    mine = descendant_pids()
     out = []
     for pid in sorted(mine):
         try:
