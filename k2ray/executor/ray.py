@@ -212,16 +212,22 @@ class RayExecutor:
         refs += [s.step.remote(counts) for s in self.shards]
         out = self._get(refs, self.parallel.collective_timeout_s + 10, "step")
         results = {}
-        stats = {"dispatch_s": 0.0, "combine_s": 0.0, "expert_tokens": {}}
+        stats = {"dispatch_s": 0.0, "combine_s": 0.0, "expert_tokens": {}, "expert_layer_tokens": {}}
         for res, st in out[: self.num_partitions]:
             results.update({r.seq_id: r for r in res})
             stats["dispatch_s"] += st["dispatch_s"]
             stats["combine_s"] += st["combine_s"]
+        layers = self.args.moe_layers
         for s, st in enumerate(out[self.num_partitions :]):
             for slot, n in enumerate(st["expert_tokens"]):
                 if n:
                     e = self.placement.shard_experts[s][slot]
                     stats["expert_tokens"][(e, s)] = stats["expert_tokens"].get((e, s), 0) + n
+            for li, row in enumerate(st.get("expert_layer_tokens", [])):  # (model layer, expert, shard) -> tokens
+                for slot, n in enumerate(row):
+                    if n:
+                        key = (layers[li], self.placement.shard_experts[s][slot], s)
+                        stats["expert_layer_tokens"][key] = stats["expert_layer_tokens"].get(key, 0) + n
         return StepOutput(results=results, stats=stats)
 
 

@@ -151,8 +151,8 @@ class ExpertServer:
     def run_step(self, tokens_per_worker: list[int]) -> dict:
         a, e = self.layout.attention_workers, self.layout.expert_shards
         width = self.hidden_size * self.dtype.itemsize + 8 * self.top_k
-        load = torch.zeros(self.num_local, dtype=torch.int64)
-        for layer_experts in self.experts:
+        load = torch.zeros(len(self.experts), self.num_local, dtype=torch.int64)  # [moe layer, local slot]
+        for li, layer_experts in enumerate(self.experts):
             t0 = time.perf_counter()
             if self.mode == "counts":
                 got = _a2a(torch.zeros(a + e, dtype=torch.int64), [1] * (a + e), [1] * (a + e), self.group)
@@ -165,7 +165,7 @@ class ExpertServer:
             out = layer_experts(hidden, slots.long(), weights)
             valid = slots[slots >= 0].long()
             if valid.numel():
-                load += torch.bincount(valid, minlength=self.num_local)
+                load[li] += torch.bincount(valid, minlength=self.num_local)
             t2 = time.perf_counter()
             _a2a_bytes(out, recv_splits, [0] * (a + e), self.group)
             t3 = time.perf_counter()
@@ -173,5 +173,6 @@ class ExpertServer:
             self.stats.combine_s += t3 - t2
             self.stats.layers += 1
         d = self.stats.take()
-        d["expert_tokens"] = load.tolist()
+        d["expert_tokens"] = load.sum(0).tolist()
+        d["expert_layer_tokens"] = load.tolist()
         return d

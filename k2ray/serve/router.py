@@ -69,7 +69,13 @@ class _InstrumentedExecutor:
         self._exchanges = max(1, len(args.moe_layers)) * max(1, getattr(inner, "num_partitions", 1))
         shards = getattr(getattr(inner, "parallel", None), "expert_shards", 1)
         # Flushed by the router's poller thread (flush_expert_load), not on the step path.
-        self._tracker = metrics.ExpertLoadTracker(model, args.n_routed_experts, shards, interval_s=float("inf"))
+        # Per-layer series only when the flag is on (K2RAY_METRICS_PER_LAYER_EXPERTS=1): then counts are 3-D.
+        self._per_layer = metrics.get_registry().per_layer_experts
+        self._layers = list(args.moe_layers)
+        self._tracker = metrics.ExpertLoadTracker(
+            model, args.n_routed_experts, shards, interval_s=float("inf"),
+            **({"num_layers": len(self._layers), "layer_ids": self._layers} if self._per_layer else {}),
+        )
         self._tracker_lock = threading.Lock()
         self._shards = shards
 
@@ -95,9 +101,16 @@ class _InstrumentedExecutor:
                 if et:
                     import numpy as np
 
-                    counts = np.zeros((self._inner.args.n_routed_experts, self._shards), dtype=np.int64)
-                    for (e, s), n in et.items():
-                        counts[e, s] += n
+                    n_exp = self._inner.args.n_routed_experts
+                    if self._per_layer:
+                        counts = np.zeros((len(self._layers), n_exp, self._shards), dtype=np.int64)
+                        index = {layer: i for i, layer in enumerate(self._layers)}
+                        for (layer, e, s), n in stats.get("expert_layer_tokens", {}).items():
+                            counts[index[layer], e, s] += n
+                    else:
+                        counts = np.zeros((n_exp, self._shards), dtype=np.int64)
+                        for (e, s), n in et.items():
+                            counts[e, s] += n
                     with self._tracker_lock:
                         self._tracker.add(counts)
             except Exception:  # metrics never break a step

@@ -55,11 +55,18 @@ METRICS_PORT = free_port()
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     cache = tmp_path_factory.mktemp("k2ray-cache")
+    # Per-layer expert series on, so every dashboard panel has data (test_dashboard_queries_on_the_app).
+    old_flag = os.environ.get("K2RAY_METRICS_PER_LAYER_EXPERTS")
+    os.environ["K2RAY_METRICS_PER_LAYER_EXPERTS"] = "1"
     metrics = {"_metrics_export_port": METRICS_PORT, "_system_config": {"metrics_report_interval_ms": 1000}}
     with serve_app(ARGS, cache, **metrics) as url:
         # first start wrote the tiny checkpoint into the (empty) cache directory
         assert any((p / "config.json").is_file() for p in (cache / "models").iterdir())
         yield url
+    if old_flag is None:
+        os.environ.pop("K2RAY_METRICS_PER_LAYER_EXPERTS", None)
+    else:
+        os.environ["K2RAY_METRICS_PER_LAYER_EXPERTS"] = old_flag
 
 
 @pytest.fixture(scope="module")
@@ -467,6 +474,45 @@ def test_metrics_recorded(client, http):
         assert name in names, name  # (constrained requests come from test_tools_choices)
     assert metric_sum(s, "ray_k2ray_step_seconds_count", phase="decode", **m) > 0
     assert metric_sum(s, "ray_k2ray_all_to_all_seconds_count", op="combine", **m) > 0
+
+
+def test_dashboard_queries_on_the_app(client, http):
+    """A real Prometheus scrapes the app's Ray metrics port; every PromQL expression of dashboards/*.json returns
+    data for this app's traffic (earlier tests sent chat, completions, errors and constrained tool calls)."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import prometheus_util as pu
+
+    for _ in range(3):  # fresh samples inside Prometheus' rate windows
+        client.completions.create(model=MODEL, prompt="dashboard traffic", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    with pu.PrometheusServer({"ray": [f"127.0.0.1:{METRICS_PORT}"]}, scrape_interval="1s") as prom:
+        prom.wait_for_targets(30)
+
+        def queries_answered():
+            for _ in range(2):
+                client.completions.create(model=MODEL, prompt="more traffic", max_tokens=4, temperature=0)
+            client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, temperature=0,  # constrained
+                                           response_format={"type": "json_object"})
+            missing = []
+            for file, title, ref, expr in pu.dashboard_exprs():
+                q = pu.substitute(expr, {"model": MODEL, "application": "k2ray"}, interval="1m")
+                res = prom.query(q)
+                # (a series whose rate is 0 in the window, e.g. an idle phase, gives NaN: one finite series suffices)
+                if not any(pu.is_finite_number(r["value"][1]) for r in res):
+                    missing.append(f"{title} / {ref}: {q}")
+            return missing
+
+        deadline = time.monotonic() + 90
+        missing = queries_answered()
+        while missing and time.monotonic() < deadline:
+            time.sleep(3)
+            missing = queries_answered()
+        assert not missing, "\n".join(missing)
+        # Values match what was sent: tokens generated == tokens the clients received in this window.
+        gen = prom.value(f'sum(ray_k2ray_generation_tokens_total{{model="{MODEL}"}})')
+        assert gen and gen > 0
 
 
 # -- failure and recovery (last: it replaces the model group's workers) ------------------------------------------------
