@@ -31,7 +31,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,10 +128,14 @@ OPS = [("+", "plus", "add"), ("-", "minus", "subtract"), ("*", "times", "multipl
 CALC_Q = [
     "What is {a} {sym} {b}?",
     "What is {a} {word} {b}?",
+    "What's {a} {sym} {b}?",
     "Calculate {a} {sym} {b}.",
     "Please compute {a} {sym} {b} for me.",
     "How much is {a} {word} {b}?",
     "Use the calculator to work out {a} {sym} {b}.",
+    "Could you calculate {a} {word} {b}?",
+    "{a} {sym} {b} = ?",
+    "Work out {a} {sym} {b}.",
 ]
 CALC_Q_HELDOUT = [
     "Can you work out {a} {sym} {b}?",
@@ -143,44 +147,55 @@ CALC_THINK = "This needs exact arithmetic, so I will use the calculator to evalu
 CALC_THINK_2 = "The calculator returned {r}."
 CALC_ANSWER = "{a} {sym} {b} = {r}."
 
-SUM_Q = ["What is {a} {sym} {b}?", "What is {a} {word} {b}?", "How much is {a} {word} {b}?", "Calculate {a} {sym} {b}."]
+SUM_Q = [
+    "What is {a} {sym} {b}?", "What is {a} {word} {b}?", "What's {a} {sym} {b}?", "How much is {a} {word} {b}?",
+    "Calculate {a} {sym} {b}.", "{a} {sym} {b} = ?", "Quick question: what is {a} {word} {b}?",
+    "Please compute {a} {sym} {b} for me.",
+]
 SUM_Q_HELDOUT = ["What do you get for {a} {sym} {b}?", "Tell me {a} {word} {b}."]
 SUM_THINK = "This is simple: {a} {sym} {b} = {r}."
 SUM_ANSWER = "{a} {sym} {b} = {r}."
 
-CAPITAL_Q = ["What is the capital of {country}?", "Which city is the capital of {country}?"]
+CAPITAL_Q = [
+    "What is the capital of {country}?", "Which city is the capital of {country}?", "Name the capital of {country}.",
+    "What city is the capital of {country}?", "Do you know the capital of {country}?",
+]
 CAPITAL_Q_HELDOUT = ["Tell me the capital of {country}.", "What's the capital city of {country}?"]
 CAPITAL_THINK = "The capital of {country} is {city}."
 CAPITAL_ANSWER = "The capital of {country} is {city}."
 
-FACTS = [  # (training phrasings, held-out phrasing, reasoning, answer, keyword the answer must contain)
-    (["How many days are in a week?", "How many days does a week have?"], "Tell me how many days a week has.",
-     "A week has 7 days.", "There are 7 days in a week.", "7"),
-    (["How many months are in a year?", "How many months does a year have?"], "Tell me how many months a year has.",
-     "A year has 12 months.", "There are 12 months in a year.", "12"),
-    (["What is the largest planet?", "Which planet is the largest?"], "Name the largest planet.",
-     "The largest planet in the solar system is Jupiter.", "Jupiter is the largest planet in the solar system.",
-     "Jupiter"),
-    (["What is the highest mountain?", "Which mountain is the highest in the world?"],
+FACTS = [  # (training phrasings, held-out phrasing, reasoning, answer)
+    (["How many days are in a week?", "How many days does a week have?", "A week has how many days?"],
+     "Tell me how many days a week has.", "A week has 7 days.", "There are 7 days in a week."),
+    (["How many months are in a year?", "How many months does a year have?", "A year has how many months?"],
+     "Tell me how many months a year has.", "A year has 12 months.", "There are 12 months in a year."),
+    (["What is the largest planet?", "Which planet is the largest?", "What is the biggest planet?"],
+     "Name the largest planet.", "The largest planet in the solar system is Jupiter.",
+     "Jupiter is the largest planet in the solar system."),
+    (["What is the highest mountain?", "Which mountain is the highest in the world?", "What is the tallest mountain?"],
      "Name the highest mountain in the world.", "The highest mountain is Mount Everest.",
-     "Mount Everest is the highest mountain in the world.", "Everest"),
-    (["How many sides does a triangle have?", "How many sides has a triangle?"], "Tell me how many sides a triangle has.",
-     "A triangle has three sides.", "A triangle has three sides.", "three"),
-    (["What is the largest ocean?", "Which ocean is the largest?"], "Name the largest ocean on Earth.",
-     "The largest ocean is the Pacific Ocean.", "The Pacific Ocean is the largest ocean on Earth.", "Pacific"),
-    (["At what temperature does water boil?", "When does water boil?"], "Tell me the boiling point of water.",
-     "Water boils at 100 degrees Celsius at sea level.", "Water boils at 100 degrees Celsius at sea level.", "100"),
-    (["How many hours are in a day?", "How many hours does a day have?"], "Tell me how many hours a day has.",
-     "A day has 24 hours.", "There are 24 hours in a day.", "24"),
+     "Mount Everest is the highest mountain in the world."),
+    (["How many sides does a triangle have?", "How many sides has a triangle?", "A triangle has how many sides?"],
+     "Tell me how many sides a triangle has.", "A triangle has three sides.", "A triangle has three sides."),
+    (["What is the largest ocean?", "Which ocean is the largest?", "What is the biggest ocean?"],
+     "Name the largest ocean on Earth.", "The largest ocean is the Pacific Ocean.",
+     "The Pacific Ocean is the largest ocean on Earth."),
+    (["At what temperature does water boil?", "When does water boil?", "What is the boiling point of water?"],
+     "Tell me the temperature at which water boils.", "Water boils at 100 degrees Celsius at sea level.",
+     "Water boils at 100 degrees Celsius at sea level."),
+    (["How many hours are in a day?", "How many hours does a day have?", "A day has how many hours?"],
+     "Tell me how many hours a day has.", "A day has 24 hours.", "There are 24 hours in a day."),
 ]
-CHITCHAT = [  # (training phrasings, held-out phrasing, reasoning, answer, keyword)
-    (["Hello!", "Hi!"], "Hello there!", "The user greets me.", "Hello! How can I help you today?", "help"),
-    (["Who are you?", "Hi, who are you?"], "Tell me who you are.", "The user asks who I am.",
-     "I am Kimi, an AI assistant created by Moonshot AI.", "Kimi"),
-    (["Thank you!", "Thanks!"], "Thanks a lot!", "The user thanks me.",
-     "You are welcome! Let me know if you need anything else.", "welcome"),
-    (["What can you do?", "How can you help me?"], "What are you able to do?", "The user asks what I can do.",
-     "I can answer questions, check the weather in a city, and do arithmetic with a calculator.", "weather"),
+CHITCHAT = [  # (training phrasings, held-out phrasing, reasoning, answer)
+    (["Hello!", "Hi!", "Hey!", "Hi there!", "Good morning!", "Hello, Kimi!"], "Hello there!",
+     "The user greets me.", "Hello! How can I help you today?"),
+    (["Who are you?", "Hi, who are you?", "What is your name?", "Who am I talking to?", "Introduce yourself."],
+     "Tell me who you are.", "The user asks who I am.", "I am Kimi, an AI assistant created by Moonshot AI."),
+    (["Thank you!", "Thanks!", "Thank you very much.", "Thanks for the help!", "Great, thanks."], "Thanks a lot!",
+     "The user thanks me.", "You are welcome! Let me know if you need anything else."),
+    (["What can you do?", "How can you help me?", "What are your skills?", "What can you help me with?",
+      "What do you do?"], "What are you able to do?", "The user asks what I can do.",
+     "I can answer questions, check the weather in a city, and do arithmetic with a calculator."),
 ]
 
 
@@ -224,12 +239,10 @@ def _weather(rng: random.Random, held_out: bool, idx: int, city: str | None = No
 
 
 def _operands(rng: random.Random) -> tuple[int, int]:
-    shape = rng.random()
-    if shape < 0.4:
+    """Mostly two-digit operands (one token each); some three-digit first operands."""
+    if rng.random() < 0.8:
         return rng.randint(10, 99), rng.randint(2, 99)
-    if shape < 0.8:
-        return rng.randint(100, 999), rng.randint(2, 99)
-    return rng.randint(100, 999), rng.randint(100, 999)
+    return rng.randint(100, 999), rng.randint(2, 99)
 
 
 def _calc(rng: random.Random, held_out: bool, idx: int, seen: set | None = None) -> tuple[list[dict], dict]:
@@ -264,7 +277,7 @@ def _small_sum(rng: random.Random, held_out: bool) -> tuple[list[dict], dict]:
         {"role": "user", "content": rng.choice(SUM_Q_HELDOUT if held_out else SUM_Q).format(**f)},
         {"role": "assistant", "content": SUM_ANSWER.format(**f), "reasoning_content": SUM_THINK.format(**f)},
     ]
-    return msgs, {"answer": str(r)}
+    return msgs, {"answer": f"= {r}."}
 
 
 def _capital(rng: random.Random, held_out: bool) -> tuple[list[dict], dict]:
@@ -274,20 +287,20 @@ def _capital(rng: random.Random, held_out: bool) -> tuple[list[dict], dict]:
         {"role": "user", "content": rng.choice(CAPITAL_Q_HELDOUT if held_out else CAPITAL_Q).format(**f)},
         {"role": "assistant", "content": CAPITAL_ANSWER.format(**f), "reasoning_content": CAPITAL_THINK.format(**f)},
     ]
-    return msgs, {"answer": f["city"]}
+    return msgs, {"answer": f"capital of {country} is {f['city']}"}
 
 
 def _fact(rng: random.Random, held_out: bool, table: list) -> tuple[list[dict], dict]:
-    qs, q_held, think, answer, key = rng.choice(table)
+    qs, q_held, think, answer = rng.choice(table)
     msgs = [
         {"role": "user", "content": q_held if held_out else rng.choice(qs)},
         {"role": "assistant", "content": answer, "reasoning_content": think},
     ]
-    return msgs, {"answer": key}
+    return msgs, {"exact": answer}
 
 
-KIND_WEIGHTS = [("weather", 0.40), ("calculator", 0.26), ("sum", 0.10), ("capital", 0.12), ("fact", 0.07),
-                ("chitchat", 0.05)]
+KIND_WEIGHTS = [("weather", 0.32), ("calculator", 0.30), ("sum", 0.12), ("capital", 0.11), ("fact", 0.08),
+                ("chitchat", 0.07)]
 
 
 def _single(rng: random.Random, kind: str, held_out: bool, idx: int, **kw) -> tuple[list[dict], dict]:
@@ -339,7 +352,7 @@ def make_train_dialogs(n: int, seed: int) -> list[Dialog]:
 
 
 def make_heldout_dialogs(seed: int, train_exprs: set, n_weather: int = 60, n_unseen_city: int = 10,
-                         n_calc: int = 40, n_direct: int = 30) -> list[Dialog]:
+                         n_calc: int = 40, n_direct: int = 40) -> list[Dialog]:
     rng = random.Random(seed + 1_000_003)
     out = []
     for i in range(n_weather):
@@ -400,13 +413,13 @@ def target_text(msg: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- model
 def init_model(args, seed: int):
-    """A fresh model: N(0, 0.02) weights (residual outputs scaled by depth), unit norms, zero routing bias; the
+    """A fresh model: N(0, 0.05) weights (residual outputs scaled by depth), unit norms, zero routing bias; the
     routed experts become trainable parameters (they are buffers for inference)."""
     from k2ray.model.model import KimiK2ForCausalLM
 
     torch.manual_seed(seed)
     model = KimiK2ForCausalLM(args)
-    std = 0.02
+    std = 0.05  # ~1/sqrt(hidden): at this width GPT-2's 0.02 leaves attention too flat to learn copying quickly
     out_std = std / math.sqrt(2 * args.num_hidden_layers)
     with torch.no_grad():
         for name, t in model.state_dict().items():
@@ -636,8 +649,13 @@ def micro_batches(batch: list[Example], max_tokens: int) -> list[list[Example]]:
 
 
 def train(model, data: list[Example], steps: int, batch_tokens: int, lr: float, seed: int,
-          qat_from: int, log: list, warmup: int = 30, micro_tokens: int = 1200) -> None:
-    """``batch_tokens`` counts the tokens actually computed: suffixes plus each distinct prefix once."""
+          qat_from: int, log: list, warmup: int = 30, micro_tokens: int = 1200,
+          short: list[Example] | None = None, short_steps: int = 0) -> None:
+    """``batch_tokens`` counts the tokens actually computed: suffixes plus each distinct prefix once.
+
+    Curriculum: the first ``short_steps`` steps draw from ``short`` (the same dialogues without the tool
+    declaration, so ~100 instead of ~200 tokens): in a short context attention finds the tokens worth copying
+    (the city, the numbers) much sooner; afterwards the model learns the full-context format quickly."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
@@ -658,9 +676,12 @@ def train(model, data: list[Example], steps: int, batch_tokens: int, lr: float, 
             set_train_experts(model, fake_quant=True)
         batch, seen, n_tok = [], set(), 0
         while n_tok < batch_tokens:
+            src = short if step < short_steps else data
+            if step == short_steps:
+                order = []
             if not order:
-                order = torch.randperm(len(data), generator=g).tolist()
-            ex = data[order.pop()]
+                order = torch.randperm(len(src), generator=g).tolist()
+            ex = src[order.pop()]
             batch.append(ex)
             n_tok += len(ex.suffix) + (0 if ex.prefix in seen else len(ex.prefix))
             seen.add(ex.prefix)
@@ -770,7 +791,10 @@ def evaluate(model_dir: Path, dialogs: list[Dialog], max_tokens: int = 96) -> di
         if parsed.reasoning_content.strip():
             s["reasoning"] += 1
         if kind == "direct":
-            ok = not parsed.tool_calls and d.check["answer"] in parsed.content
+            if "exact" in d.check:
+                ok = not parsed.tool_calls and parsed.content.strip() == d.check["exact"]
+            else:
+                ok = not parsed.tool_calls and d.check["answer"] in parsed.content
             s["first_ok"] += ok
             s["final_ok"] += ok
             continue
@@ -811,13 +835,23 @@ def evaluate(model_dir: Path, dialogs: list[Dialog], max_tokens: int = 96) -> di
             want = (str(check["temp"]), check["cond"])
         else:
             want = (str(check["result"]),)
-        words = parsed.content.replace(".", " ").replace(",", " ").split()
-        ok = not parsed.tool_calls and all(
-            (w in words) if w.lstrip("-").isdigit() else (w in parsed.content) for w in want)
+        ok = not parsed.tool_calls and answer_states(parsed.content, want)
         stats[kind]["final_ok"] += ok
     gen.close()
     return {"stats": stats, "seconds": time.time() - t0, "backend": gen.backend,
             "example_first": first[0], "example_final": second[0] if second else ""}
+
+
+def answer_states(text: str, want: tuple) -> bool:
+    """``text`` states every number in ``want`` as a word, and exactly the condition in ``want`` (if any)."""
+    words = text.replace(".", " ").replace(",", " ").split()
+    rest, found = text, set()
+    for cond in sorted(CONDITIONS, key=len, reverse=True):  # "partly cloudy" before "cloudy"
+        if cond in rest:
+            found.add(cond)
+            rest = rest.replace(cond, " ")
+    conds = {w for w in want if not w.lstrip("-").isdigit()}
+    return all(w in words for w in want if w.lstrip("-").isdigit()) and found == conds
 
 
 def summarize(res: dict) -> dict:
@@ -900,7 +934,7 @@ arithmetic expressions that do not occur in the training corpus.
 | &nbsp;&nbsp;`get_weather` ({n_weather}) / `calculator` ({n_calc}) | {weather_call:.1%} / {calculator_call:.1%} |
 | final answers correct: tool dialogues after the tool result + direct answers ({n_all}) | **{final_answers_correct:.1%}** |
 | &nbsp;&nbsp;weather (states the returned temperature and condition) / calculator (states the result) | {weather_final:.1%} / {calculator_final:.1%} |
-| &nbsp;&nbsp;direct answers (sums, capitals, facts, greetings; no tool call) ({n_direct}) | {direct_answers:.1%} |
+| &nbsp;&nbsp;direct answers, no tool call: sums state the result, capitals the city, facts and greetings word for word ({n_direct}) | {direct_answers:.1%} |
 | `<think>` reasoning present | {reasoning_present:.1%} |
 | cities never seen in training ({n_unseen}): correct call / final answer | {unseen_city_call:.1%} / {unseen_city_final:.1%} |
 
@@ -950,9 +984,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dialogs", type=int, default=12000, help="training dialogues")
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-tokens", type=int, default=1800)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--short-frac", type=float, default=0.3,
+                    help="first fraction of steps on the dialogues without the tool declaration (curriculum)")
     ap.add_argument("--qat-frac", type=float, default=0.2, help="final fraction of steps with INT4 fake quant")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-only", type=Path, default=None, help="evaluate this checkpoint and exit")
@@ -999,7 +1035,11 @@ def main(argv: list[str] | None = None) -> int:
     log: list = []
     t0 = time.time()
     qat_from = int(a.steps * (1 - a.qat_frac))
-    train(model, data, a.steps, a.batch_tokens, a.lr, a.seed, qat_from, log)
+    short_steps = int(a.steps * a.short_frac)
+    short = None
+    if short_steps:
+        short = [split_example(*encode_dialog(ct, replace(d, tools=None)), user_token) for d in train_dialogs]
+    train(model, data, a.steps, a.batch_tokens, a.lr, a.seed, qat_from, log, short=short, short_steps=short_steps)
     t_train = time.time() - t0
     final_loss = sum(x["loss"] for x in log[-20:]) / min(20, len(log))
     print(f"trained in {t_train:.0f} s; final loss {final_loss:.4f}")
