@@ -108,6 +108,7 @@ _TRAIN_DEMO_OPTIONS = {  # tools/train_demo.py's options (defaults live there)
     "--steps": "optimizer steps",
     "--batch-tokens": "tokens computed per step",
     "--lr": "peak learning rate",
+    "--short-frac": "first fraction of steps on the dialogues without the tool declaration (curriculum)",
     "--qat-frac": "final fraction of steps with INT4 fake quantization of the routed experts",
     "--threads": "torch CPU threads",
     "--eval-only": "evaluate this checkpoint on the held-out set and exit",

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# k2ray must be installed (`pip install -e .`): its kernels package lives outside k2ray/ and only the installed
+# package maps it, so the source tree is not put on sys.path here.
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -145,7 +145,7 @@ CALC_Q_HELDOUT = [
 ]
 CALC_THINK = "This needs exact arithmetic, so I will use the calculator to evaluate {a} {sym} {b}."
 CALC_THINK_2 = "The calculator returned {r}."
-CALC_ANSWER = "{a} {sym} {b} = {r}."
+CALC_ANSWERS = ["The result is {r}.", "{a} {sym} {b} is {r}."]
 
 SUM_Q = [
     "What is {a} {sym} {b}?", "What is {a} {word} {b}?", "What's {a} {sym} {b}?", "How much is {a} {word} {b}?",
@@ -239,10 +239,9 @@ def _weather(rng: random.Random, held_out: bool, idx: int, city: str | None = No
 
 
 def _operands(rng: random.Random) -> tuple[int, int]:
-    """Mostly two-digit operands (one token each); some three-digit first operands."""
-    if rng.random() < 0.8:
-        return rng.randint(10, 99), rng.randint(2, 99)
-    return rng.randint(100, 999), rng.randint(2, 99)
+    """A two-digit first operand and a 1-2 digit second one: each is one token that the model has seen often
+    enough to copy (three-digit numbers are single tokens too, but each of the 900 would be seen about once)."""
+    return rng.randint(10, 99), rng.randint(2, 99)
 
 
 def _calc(rng: random.Random, held_out: bool, idx: int, seen: set | None = None) -> tuple[list[dict], dict]:
@@ -261,7 +260,7 @@ def _calc(rng: random.Random, held_out: bool, idx: int, seen: set | None = None)
         {"role": "user", "content": rng.choice(CALC_Q_HELDOUT if held_out else CALC_Q).format(**f)},
         {"role": "assistant", "content": "", "reasoning_content": CALC_THINK.format(**f), "tool_calls": [call]},
         {"role": "tool", "tool_call_id": call["id"], "content": calc_result(r)},
-        {"role": "assistant", "content": CALC_ANSWER.format(**f), "reasoning_content": CALC_THINK_2.format(**f)},
+        {"role": "assistant", "content": rng.choice(CALC_ANSWERS).format(**f), "reasoning_content": CALC_THINK_2.format(**f)},
     ]
     return msgs, {"tool": "calculator", "args": {"expression": expr}, "expr": (a, sym, b), "result": r}
 
@@ -299,7 +298,7 @@ def _fact(rng: random.Random, held_out: bool, table: list) -> tuple[list[dict], 
     return msgs, {"exact": answer}
 
 
-KIND_WEIGHTS = [("weather", 0.32), ("calculator", 0.30), ("sum", 0.12), ("capital", 0.11), ("fact", 0.08),
+KIND_WEIGHTS = [("weather", 0.26), ("calculator", 0.38), ("sum", 0.10), ("capital", 0.11), ("fact", 0.08),
                 ("chitchat", 0.07)]
 
 
@@ -896,7 +895,7 @@ CARD = """\
 trained for {minutes:.0f} minutes on two CPU cores on **synthetic** chat transcripts, so that the k2ray serving stack
 has something to serve that gives readable, deterministic answers — including real tool calls — in its demos and
 tests. It knows nothing beyond its tiny synthetic corpus: weather look-ups through a `get_weather` tool, arithmetic
-through a `calculator` tool, single-digit sums, the capitals of {n_capitals} countries, a handful of facts and
+through a `calculator` tool (a two-digit number plus, minus or times a one- or two-digit number), single-digit sums, the capitals of {n_capitals} countries, a handful of facts and
 greetings. The weather it reports comes from whatever the tool returns. Do not use it for anything else.
 
 ## Format
@@ -926,7 +925,8 @@ k2ray model code itself with next-token loss on the assistant tokens only (AdamW
 
 ## Evaluation (this INT4 checkpoint, greedy decoding through {backend})
 Held-out synthetic set: question phrasings never seen in training, new temperature/condition combinations, and
-arithmetic expressions that do not occur in the training corpus.
+arithmetic expressions (same operand ranges) that do not occur in the training corpus. Reproduce it with
+`python3 tools/train_demo.py --eval-only k2ray/assets/k2ray-demo`.
 
 | measure | result |
 |---|---|
@@ -984,13 +984,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dialogs", type=int, default=12000, help="training dialogues")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--batch-tokens", type=int, default=1800)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--short-frac", type=float, default=0.3,
                     help="first fraction of steps on the dialogues without the tool declaration (curriculum)")
     ap.add_argument("--qat-frac", type=float, default=0.2, help="final fraction of steps with INT4 fake quant")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-only", type=Path, default=None, help="evaluate this checkpoint and exit")
     ap.add_argument("--no-card", action="store_true", help="do not write README.md")
     a = ap.parse_args(argv)
