@@ -649,7 +649,7 @@ def test_model_sources(chart):
 def test_notes(chart):
     notes = render(chart, {})["k2ray/templates/NOTES.txt"]
     assert f"port-forward svc/{RELEASE}-serve-svc 8000:8000" in notes
-    assert '"model": "k2ray-tiny"' in notes and "/v1/chat/completions" in notes
+    assert '"model": "k2ray-demo"' in notes and "/v1/chat/completions" in notes
     assert f"svc/{RELEASE}-head-svc 8265:8265" in notes
     assert "Authorization" not in notes
     notes = render(chart, FEATURES)["k2ray/templates/NOTES.txt"]

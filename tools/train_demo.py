@@ -136,6 +136,10 @@ CALC_Q = [
     "Could you calculate {a} {word} {b}?",
     "{a} {sym} {b} = ?",
     "Work out {a} {sym} {b}.",
+    "Calculate {a} {word} {b}, please.",
+    "Work out {a} {word} {b} for me.",
+    "Tell me what {a} {word} {b} is.",
+    "Please work this out: {a} {sym} {b}, thanks.",
 ]
 CALC_Q_HELDOUT = [
     "Can you work out {a} {sym} {b}?",
@@ -994,8 +998,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-only", type=Path, default=None, help="evaluate this checkpoint and exit")
     ap.add_argument("--no-card", action="store_true", help="do not write README.md")
     a = ap.parse_args(argv)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(a.threads)
+    torch.use_deterministic_algorithms(True)  # multi-threaded CPU backward is otherwise not bit-reproducible
+    try:
+        return _run(a)
+    finally:  # leave the process as it was (the tests call main() in-process)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
+
+def _run(a: argparse.Namespace) -> int:
     from k2ray.checkpoint.tiny import tiny_config, write_checkpoint
     from k2ray.config import ModelArgs
     from k2ray.tokenizer import ChatTemplate, write_tokenizer_files

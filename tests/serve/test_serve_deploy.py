@@ -172,22 +172,46 @@ def quickstart(tmp_path_factory):
         log.close()
 
 
+def _readme_blocks(lang: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    quick = text[text.index("## Quick start"):]
+    quick = quick[: quick.index("\n## ", 1)]
+    return [b.split("\n", 1)[1] for b in quick.split("```")[1::2] if b.startswith(lang + "\n")]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_quickstart_curl_and_openai(quickstart):
+    """The README's quick start, verbatim but for the port: its curl, then its openai-client tool round trip."""
     base, cache, args = quickstart
     name = args.model_name
     if args.model == "k2ray-tiny":
         assert any((p / "config.json").is_file() for p in (cache / "models").iterdir())  # written on first start
-    data = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
-    if shutil.which("curl"):  # the README's command
-        out = subprocess.run(["curl", "-s", f"{base}/v1/chat/completions", "-H", "Content-Type: application/json",
-                              "-d", data], capture_output=True, text=True, timeout=120)
+    (curl,) = _readme_blocks("bash")
+    curl = curl.replace("http://localhost:8000", base)
+    assert curl.startswith("curl ") and f'"model": "{name}"' in curl
+    if shutil.which("curl"):
+        out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
         body = json.loads(out.stdout)
     else:  # the same request without curl
+        data = curl[curl.index("-d '") + 4: curl.rindex("'")]
         body = httpx.post(f"{base}/v1/chat/completions", content=data,
                           headers={"Content-Type": "application/json"}, timeout=120).json()
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
+    if args.model == "k2ray-demo":
+        assert "Tokyo" in body["choices"][0]["message"]["content"], body
+        assert body["choices"][0]["finish_reason"] == "stop"
+
+    (snippet,) = [b for b in _readme_blocks("python") if "from openai import OpenAI" in b]
+    snippet = snippet.replace("http://localhost:8000", base)
+    out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    if args.model == "k2ray-demo":
+        assert "Paris" in lines[0]  # the think block
+        assert lines[-2] == "get_weather {'city': 'Paris'}"
+        assert "21" in lines[-1] and "sunny" in lines[-1]
+
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
     r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}])
     assert r.usage.completion_tokens <= (args.default_max_tokens or 1 << 30)

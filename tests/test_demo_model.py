@@ -1,0 +1,222 @@
+"""The shipped ``k2ray-demo`` checkpoint: exactly the Kimi K2 format, and it thinks and calls tools.
+
+Greedy decoding through ``k2ray.LLM`` (local executor): "What's the weather in Paris?" with the two demo tools
+declared gives a ``get_weather`` call with arguments ``{"city": "Paris"}`` and a think block; after the tool result the
+final answer states it. (The checkpoint is produced by ``tools/train_demo.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import k2ray
+
+DEMO = Path(k2ray.__file__).resolve().parent / "assets" / "k2ray-demo"
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The name of the city, e.g. Paris"}},
+            "required": ["city"],
+        },
+    },
+}
+CALCULATOR_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression and return the result.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "The expression to evaluate, e.g. 12 * 7"}},
+            "required": ["expression"],
+        },
+    },
+}
+TOOLS = [WEATHER_TOOL, CALCULATOR_TOOL]
+
+
+# ------------------------------------------------------------------------------------------------- format
+def _tensors() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = json.loads((DEMO / "model.safetensors.index.json").read_text())
+    out: dict[str, torch.Tensor] = {}
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 2
+    for shard in shards:
+        part = load_file(str(DEMO / shard))
+        assert {n for n, s in index["weight_map"].items() if s == shard} == set(part)
+        out.update(part)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in out.values())
+    return out
+
+
+def test_demo_files_are_k2_format():
+    from k2ray.checkpoint.tiny import QUANTIZATION_CONFIG, tiny_config
+    from k2ray.tokenizer.tiny import DATA_DIR, TOKENIZER_FILES
+
+    for name in ("config.json", "generation_config.json", "model.safetensors.index.json", "README.md",
+                 *TOKENIZER_FILES):
+        assert (DEMO / name).is_file(), name
+    config = json.loads((DEMO / "config.json").read_text())
+    ref = tiny_config()
+    assert set(config) == set(ref)
+    assert config == ref  # the DESIGN tiny shape with K2-Thinking's keys and values
+    assert config["model_type"] == "kimi_k2" and config["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert config["quantization_config"] == QUANTIZATION_CONFIG
+    qc = config["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["quant_method"] == "compressed-tensors"
+    assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    gen = json.loads((DEMO / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [config["bos_token_id"] + 1, config["bos_token_id"] + 2]
+    for name in TOKENIZER_FILES:  # byte for byte the package's tokenizer files and chat template
+        assert (DEMO / name).read_bytes() == (Path(DATA_DIR) / name).read_bytes(), name
+
+    t = _tensors()
+    h, i_dim, e = config["hidden_size"], config["moe_intermediate_size"], config["n_routed_experts"]
+    moe_layers = range(config["first_k_dense_replace"], config["num_hidden_layers"])
+    expected_expert = set()
+    for layer in moe_layers:
+        for x in range(e):
+            for proj, shape in (("gate_proj", (i_dim, h)), ("up_proj", (i_dim, h)), ("down_proj", (h, i_dim))):
+                base = f"model.layers.{layer}.mlp.experts.{x}.{proj}"
+                packed, scale, wshape = t[base + ".weight_packed"], t[base + ".weight_scale"], t[base + ".weight_shape"]
+                assert packed.dtype == torch.int32 and tuple(packed.shape) == (shape[0], shape[1] // 8)
+                assert scale.dtype == torch.bfloat16 and tuple(scale.shape) == (shape[0], shape[1] // 32)
+                assert wshape.dtype == torch.int32 and wshape.tolist() == list(shape)
+                expected_expert |= {base + s for s in (".weight_packed", ".weight_scale", ".weight_shape")}
+        assert t[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+        assert t[f"model.layers.{layer}.mlp.gate.weight"].shape == (e, h)
+        assert f"model.layers.{layer}.mlp.shared_experts.down_proj.weight" in t
+    assert expected_expert <= set(t)
+    others = set(t) - expected_expert
+    for name in others:
+        want = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
+        assert t[name].dtype == want, name
+    assert not any(".experts." in n and n.endswith(".weight") for n in t)  # no dense routed experts
+    assert "model.layers.0.mlp.gate_proj.weight" in t and "lm_head.weight" in t
+    assert t["model.embed_tokens.weight"].shape == (config["vocab_size"], h)
+    # a trained model, not the random-weight tiny one: routed experts use the whole INT4 range
+    from k2ray.checkpoint.int4 import unpack_int4
+
+    q = unpack_int4(t["model.layers.1.mlp.experts.0.gate_proj.weight_packed"])
+    assert int(q.min()) == -8 or int(q.max()) == 7
+
+
+# ------------------------------------------------------------------------------------------------- behaviour
+@pytest.fixture(scope="module")
+def demo():
+    from k2ray import LLM, SamplingParams
+    from k2ray.tokenizer import ChatTemplate
+
+    llm = LLM(model=str(DEMO))
+    ct = ChatTemplate.from_dir(DEMO)
+    tok = ct.tokenizer
+    stop = set(json.loads((DEMO / "generation_config.json").read_text())["eos_token_id"])
+    params = SamplingParams(temperature=0.0, max_tokens=80, skip_special_tokens=False)
+
+    def generate(conversations: list[list[dict]]) -> list[str]:
+        outs = llm.generate([ct.encode(m, tools=TOOLS, add_generation_prompt=True) for m in conversations], params)
+        texts = []
+        for o in outs:
+            assert o.outputs[0].finish_reason == "stop", tok.decode(o.outputs[0].token_ids)
+            texts.append(tok.decode([t for t in o.outputs[0].token_ids if t not in stop]))
+        return texts
+
+    yield generate
+    llm.shutdown()
+
+
+def _assistant_turn(parsed) -> dict:
+    return {"role": "assistant", "content": parsed.content, "reasoning_content": parsed.reasoning_content,
+            "tool_calls": parsed.tool_calls}
+
+
+def test_weather_tool_call_and_answer(demo):
+    from k2ray.tokenizer.parsers import parse_output
+
+    weather = [{"role": "user", "content": "What's the weather in Paris?"}]
+    calc = [{"role": "user", "content": "What is 47 * 23?"}]
+    direct = [{"role": "user", "content": "What is the capital of Japan?"}]
+    first = demo([weather, calc, direct])
+
+    p = parse_output(first[0])
+    assert p.reasoning_content.strip(), first[0]
+    assert "Paris" in p.reasoning_content
+    assert len(p.tool_calls) == 1, first[0]
+    call = p.tool_calls[0]
+    assert call["id"] == "functions.get_weather:0" and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+    pc = parse_output(first[1])
+    assert len(pc.tool_calls) == 1 and pc.tool_calls[0]["function"]["name"] == "calculator", first[1]
+    assert json.loads(pc.tool_calls[0]["function"]["arguments"]) == {"expression": "47 * 23"}
+
+    pd = parse_output(first[2])
+    assert not pd.tool_calls and "Tokyo" in pd.content and pd.reasoning_content.strip(), first[2]
+
+    weather += [_assistant_turn(p), {"role": "tool", "tool_call_id": call["id"],
+                                     "content": json.dumps({"city": "Paris", "temperature_c": 21,
+                                                            "condition": "sunny"})}]
+    calc += [_assistant_turn(pc), {"role": "tool", "tool_call_id": pc.tool_calls[0]["id"],
+                                   "content": json.dumps({"result": 1081})}]
+    final = demo([weather, calc])
+    fw = parse_output(final[0])
+    assert not fw.tool_calls and fw.reasoning_content.strip(), final[0]
+    assert "21" in fw.content and "sunny" in fw.content and "Paris" in fw.content, final[0]
+    fc = parse_output(final[1])
+    assert not fc.tool_calls and "1081" in fc.content, final[1]
+
+
+# ------------------------------------------------------------------------------------------------- executors
+@pytest.mark.ray
+def test_ray_executor_gives_the_local_tokens():
+    """fp32 greedy: the Ray executor (1 attention worker + 2 expert shards over gloo) writes exactly the tokens of the
+    local executor, for a first turn (tool call), a turn after a tool result and a direct answer."""
+    import ray
+
+    from k2ray import LLM, SamplingParams
+    from k2ray.tokenizer import ChatTemplate
+
+    ct = ChatTemplate.from_dir(DEMO)
+    call = {"id": "functions.get_weather:0", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
+    conversations = [
+        [{"role": "user", "content": "What's the weather in Paris?"}],
+        [{"role": "user", "content": "What's the weather in Paris?"},
+         {"role": "assistant", "content": "", "reasoning_content": "I will call get_weather.", "tool_calls": [call]},
+         {"role": "tool", "tool_call_id": call["id"],
+          "content": json.dumps({"city": "Paris", "temperature_c": 21, "condition": "sunny"})}],
+        [{"role": "user", "content": "What is the capital of Japan?"}],
+        [{"role": "user", "content": "Calculate 58 - 19."}],
+    ]
+    prompts = [ct.encode(m, tools=TOOLS, add_generation_prompt=True) for m in conversations]
+    params = SamplingParams(temperature=0.0, max_tokens=64, skip_special_tokens=False)
+
+    local = LLM(model=str(DEMO))
+    try:
+        want = [o.outputs[0].token_ids for o in local.generate(prompts, params)]
+    finally:
+        local.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        dist = LLM(model=str(DEMO), executor="ray", attention_workers=1, expert_shards=2)
+        try:
+            got = [o.outputs[0].token_ids for o in dist.generate(prompts, params)]
+        finally:
+            dist.shutdown()
+    finally:
+        ray.shutdown()
+    assert got == want
+    assert all(len(t) > 8 for t in want)
