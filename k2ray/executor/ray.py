@@ -139,7 +139,7 @@ class RayExecutor:
         p = self.parallel
         return {
             "attention_workers": [
-                {"rank": i, "node_id": info.get("node_id"), "node_ip": info.get("node_ip")}
+                {"rank": i, "node_id": info.get("node_id"), "node_ip": info.get("node_ip"), "pid": info.get("pid")}
                 for i, info in enumerate(self.worker_info[: p.attention_workers])
             ],
             "expert_shards": [
@@ -148,6 +148,7 @@ class RayExecutor:
                     "rank": p.attention_workers + s,
                     "node_id": info.get("node_id"),
                     "node_ip": info.get("node_ip"),
+                    "pid": info.get("pid"),
                     "experts": info.get("experts"),
                 }
                 for s, info in enumerate(self.worker_info[p.attention_workers :])

@@ -35,6 +35,7 @@ from k2ray.serve import protocol as P
 log = logging.getLogger("k2ray.serve.ingress")
 
 _BIG_TEXT = 32 * 1024  # prompts larger than this are rendered/tokenized off the event loop
+OPEN_ATTEMPTS = 4  # tries to start a request while model groups are not ready (see OpenAIIngress._open)
 _TOOL_SECTION_BEGIN = "<|tool_calls_section_begin|>"
 _TOOL_CALL_BEGIN = "<|tool_call_begin|>"
 _TOOL_ARG_BEGIN = "<|tool_call_argument_begin|>"
@@ -378,19 +379,34 @@ class OpenAIIngress:
         return entry
 
     async def _open(self, req: dict):
-        """Start a request on a router replica; returns ``(stream, first_item)``; an error item raises APIError."""
-        gen = self.router.options(stream=True).generate.remote(req)
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            raise APIError(500, "internal server error", "internal_error", None, "internal_error") from None
-        except BaseException:
-            gen.cancel()
-            raise
-        if "error" in first:
-            gen.cancel()
-            raise APIError.from_item(first["error"])
-        return gen, first
+        """Start a request on a router replica; returns ``(stream, first_item)``; an error item raises APIError.
+
+        A model group that is not ready (recovering, starting) or whose router died has not started the request, so
+        it is sent again, up to ``OPEN_ATTEMPTS`` times in all: with several groups, Serve's replica choice then
+        usually reaches one that serves (one group's recovery does not fail the requests the others could take)."""
+        from ray.exceptions import RayActorError
+
+        for attempt in range(OPEN_ATTEMPTS):
+            last = attempt == OPEN_ATTEMPTS - 1
+            gen = self.router.options(stream=True).generate.remote(req)
+            try:
+                first = await gen.__anext__()
+            except StopAsyncIteration:
+                raise APIError(500, "internal server error", "internal_error", None, "internal_error") from None
+            except RayActorError:
+                gen.cancel()
+                if last:
+                    raise
+                continue
+            except BaseException:
+                gen.cancel()
+                raise
+            if "error" in first:
+                gen.cancel()
+                if first["error"].get("code") == "model_unavailable" and not last:
+                    continue
+                raise APIError.from_item(first["error"])
+            return gen, first
 
     @staticmethod
     async def _items(gen, first: dict) -> AsyncIterator[dict]:

@@ -6,6 +6,8 @@ expert shards over the group's process group.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from k2ray.checkpoint.loader import load_model
@@ -38,7 +40,7 @@ class AttentionWorker:
         self.client: DispatchClient | None = None
 
     def ready(self) -> dict:
-        return {"num_kv_blocks": self.num_kv_blocks, "node_ip": node_ip(), "node_id": node_id()}
+        return {"num_kv_blocks": self.num_kv_blocks, "node_ip": node_ip(), "node_id": node_id(), "pid": os.getpid()}
 
     def rendezvous(self) -> tuple[str, int]:
         """An address on this node for the group's process-group rendezvous (this worker is rank 0)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from k2ray.checkpoint.loader import WeightLoader, fill_experts
@@ -38,7 +40,8 @@ class ExpertShard:
         self.server: ExpertServer | None = None
 
     def ready(self) -> dict:
-        return {"node_ip": node_ip(), "node_id": node_id(), "experts": self.experts, "tensors_read": len(self.tensors_read)}
+        return {"node_ip": node_ip(), "node_id": node_id(), "pid": os.getpid(), "experts": self.experts,
+                "tensors_read": len(self.tensors_read)}
 
     def read_tensor_names(self) -> list[str]:
         return self.tensors_read

@@ -1,6 +1,7 @@
 """Deploy files, build_app, model resolution — and the quick start for real: ``serve run`` on a copy of
 deploy/config.yaml (own port and empty cache; K2Router at 2 replicas of 1 attention worker + 1 expert shard each) in a
-subprocess, then the README's curl and openai-client calls, and both model groups serving traffic."""
+subprocess, then the README's curl and openai-client calls, both model groups serving traffic, and one group
+recovering from a killed expert shard while the other serves."""
 
 from __future__ import annotations
 
@@ -237,3 +238,54 @@ def test_two_model_groups_serve_traffic(quickstart):
             layouts.add(lay["group"])
     assert len(seen) == 2 and min(seen.values()) >= 2, seen
     assert layouts <= set(seen)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_other_group_serves_while_one_recovers(quickstart):
+    """Kill one model group's expert shard (SIGKILL): that group fails what it was running cleanly and rebuilds
+    itself, while the other group keeps answering (the ingress retries requests that meet the recovering group);
+    afterwards both serve the same greedy text as before.
+    (Runs last in this module: it breaks a group on purpose.)"""
+    base, _, args = quickstart
+    kw = {"model": args.model_name, "prompt": "count", "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=base, timeout=90) as c:
+        layouts: dict[str, dict] = {}
+        deadline = time.monotonic() + 60
+        while len(layouts) < 2 and time.monotonic() < deadline:
+            lay = c.get("/v1/k2ray/layout").json()
+            layouts[lay["group"]] = lay
+        assert len(layouts) == 2, layouts
+        victim, survivor = sorted(layouts)
+        old_pid = layouts[victim]["expert_shards"][0]["pid"]
+        assert isinstance(old_pid, int) and old_pid != layouts[survivor]["expert_shards"][0]["pid"]
+        want = c.post("/v1/completions", json=kw).json()["choices"][0]["text"]
+
+        os.kill(old_pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        served = {victim: 0, survivor: 0}
+        errors = []
+        while time.monotonic() - t_kill < 240:
+            t0 = time.monotonic()
+            r = c.post("/v1/completions", json=kw)
+            assert time.monotonic() - t0 < 60, "a request hung while a group was down"
+            if r.status_code != 200:  # only what reached the broken group, as a clean OpenAI error
+                assert r.status_code in (500, 503), r.text
+                assert r.json()["error"]["message"], r.text
+                errors.append(r.json()["error"]["message"])
+                continue
+            group = r.headers["x-k2ray-group"]
+            assert r.json()["choices"][0]["text"] == want
+            served[group] += 1
+            if group == victim:
+                break  # recovered
+        assert served[victim] == 1, f"the broken group did not come back within 240 s: {served} {errors[-3:]}"
+        assert served[survivor] >= 3, f"the other group did not serve during the recovery: {served}"
+        # the ingress sends a request that meets a recovering group again, so few requests fail at all
+        assert len(errors) * 4 <= served[survivor], (served, errors)
+        new = {}
+        while len(new) < 2 and time.monotonic() - t_kill < 300:
+            lay = c.get("/v1/k2ray/layout").json()
+            new[lay["group"]] = lay
+        assert new[victim]["expert_shards"][0]["pid"] != old_pid  # rebuilt with a fresh shard
+        assert new[survivor]["expert_shards"][0]["pid"] == layouts[survivor]["expert_shards"][0]["pid"]
