@@ -31,6 +31,18 @@ def tiny_model_dir(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("k2ray-tiny"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def train_demo():
+    """tools/train_demo.py as a module: the demo model's tools, corpus and training code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("k2ray_train_demo", os.path.join(ROOT, "tools", "train_demo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _ray_isolated_per_module():
     """Each test module starts without a Ray connection and leaves none behind (modules start their own clusters)."""

@@ -17,33 +17,6 @@ import k2ray
 
 DEMO = Path(k2ray.__file__).resolve().parent / "assets" / "k2ray-demo"
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "description": "The name of the city, e.g. Paris"}},
-            "required": ["city"],
-        },
-    },
-}
-CALCULATOR_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression and return the result.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "description": "The expression to evaluate, e.g. 12 * 7"}},
-            "required": ["expression"],
-        },
-    },
-}
-TOOLS = [WEATHER_TOOL, CALCULATOR_TOOL]
-
-
 # ------------------------------------------------------------------------------------------------- format
 def _tensors() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
@@ -115,7 +88,7 @@ def test_demo_files_are_k2_format():
 
 # ------------------------------------------------------------------------------------------------- behaviour
 @pytest.fixture(scope="module")
-def demo():
+def demo(train_demo):
     from k2ray import LLM, SamplingParams
     from k2ray.tokenizer import ChatTemplate
 
@@ -126,7 +99,8 @@ def demo():
     params = SamplingParams(temperature=0.0, max_tokens=80, skip_special_tokens=False)
 
     def generate(conversations: list[list[dict]]) -> list[str]:
-        outs = llm.generate([ct.encode(m, tools=TOOLS, add_generation_prompt=True) for m in conversations], params)
+        outs = llm.generate([ct.encode(m, tools=train_demo.TOOLS, add_generation_prompt=True) for m in conversations],
+                            params)
         texts = []
         for o in outs:
             assert o.outputs[0].finish_reason == "stop", tok.decode(o.outputs[0].token_ids)
@@ -181,7 +155,7 @@ def test_weather_tool_call_and_answer(demo):
 
 # ------------------------------------------------------------------------------------------------- executors
 @pytest.mark.ray
-def test_ray_executor_gives_the_local_tokens():
+def test_ray_executor_gives_the_local_tokens(train_demo):
     """fp32 greedy: the Ray executor (1 attention worker + 2 expert shards over gloo) writes exactly the tokens of the
     local executor, for a first turn (tool call), a turn after a tool result and a direct answer."""
     import ray
@@ -201,7 +175,7 @@ def test_ray_executor_gives_the_local_tokens():
         [{"role": "user", "content": "What is the capital of Japan?"}],
         [{"role": "user", "content": "Calculate 58 - 19."}],
     ]
-    prompts = [ct.encode(m, tools=TOOLS, add_generation_prompt=True) for m in conversations]
+    prompts = [ct.encode(m, tools=train_demo.TOOLS, add_generation_prompt=True) for m in conversations]
     params = SamplingParams(temperature=0.0, max_tokens=64, skip_special_tokens=False)
 
     local = LLM(model=str(DEMO))

@@ -6,25 +6,15 @@ independent truths (the chat template, ``forward_full``, the INT4 checkpoint for
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def td():
-    spec = importlib.util.spec_from_file_location("k2ray_train_demo_test", ROOT / "tools" / "train_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def td(train_demo):
+    return train_demo
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +37,7 @@ def test_corpus_is_deterministic_and_held_out_is_new(td):
         assert d.messages[0]["content"] not in train_questions  # held-out phrasings only
         if d.kind == "calculator":
             assert d.check["expr"] not in exprs
-            assert eval(d.check["args"]["expression"]) == d.check["result"]  # noqa: S307 - two ints, one operator
+            assert eval(d.check["args"]["expression"]) == d.check["result"]
     # every tool call of the corpus is well-formed K2: id functions.NAME:IDX, JSON arguments matching the tool schema
     for d in a:
         for m in d.messages:

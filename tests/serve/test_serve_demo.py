@@ -1,17 +1,11 @@
 """The agentic loop against the trained demo model (built-in ``k2ray-demo``) through the whole Serve stack and the
 official openai client: declare tools, receive the parsed ``tool_calls`` (with ``reasoning_content``), send the tool
 result back, receive the final answer. Greedy decoding; a model group of 1 attention worker + 2 expert shards.
-
-Until the demo checkpoint is in the package (``k2ray/assets/k2ray-demo``) these tests are xfailed with the reason
-"demo model not landed"; they run by themselves once it resolves.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import openai
 import pytest
@@ -21,7 +15,6 @@ from k2ray.serve.models import builtin_available
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "k2ray-demo"
 ARGS = {
     "model": MODEL,
@@ -31,38 +24,9 @@ ARGS = {
 }
 
 
-def _demo_tools() -> list[dict]:
-    """The tool declarations the demo model was trained with (taken from its training script when present)."""
-    path = ROOT / "tools" / "train_demo.py"
-    if path.is_file():
-        try:
-            spec = importlib.util.spec_from_file_location("k2ray_train_demo", path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = mod  # dataclasses look their module up there
-            try:
-                spec.loader.exec_module(mod)
-            finally:
-                sys.modules.pop(spec.name, None)
-            return list(mod.TOOLS)
-        except Exception:
-            pass
-    return [
-        {"type": "function", "function": {
-            "name": "get_weather", "description": "Get the current weather in a city.",
-            "parameters": {"type": "object", "properties": {
-                "city": {"type": "string", "description": "The name of the city, e.g. Paris"}}, "required": ["city"]}}},
-        {"type": "function", "function": {
-            "name": "calculator", "description": "Evaluate an arithmetic expression and return the result.",
-            "parameters": {"type": "object", "properties": {
-                "expression": {"type": "string", "description": "The expression to evaluate, e.g. 12 * 7"}},
-                "required": ["expression"]}}},
-    ]
-
-
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    if not builtin_available(MODEL):
-        pytest.xfail("demo model not landed")
+    assert builtin_available(MODEL), "k2ray/assets/k2ray-demo is missing from the installation"
     with serve_app(ARGS, tmp_path_factory.mktemp("k2ray-cache")) as base:
         yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
 
@@ -97,8 +61,8 @@ def _first_turn(client, tools, stream: bool):
     return msg, finish
 
 
-def test_tool_call_round_trip(client):
-    tools = _demo_tools()
+def test_tool_call_round_trip(client, train_demo):
+    tools = train_demo.TOOLS
     msg, finish = _first_turn(client, tools, stream=False)
     assert finish == "tool_calls", msg
     (call,) = msg["tool_calls"]

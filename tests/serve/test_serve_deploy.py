@@ -123,9 +123,9 @@ def test_model_resolution(tmp_path, monkeypatch):
     assert models.default_served_name("k2ray-tiny") == "k2ray-tiny"
     assert models.default_served_name("/models/Kimi-K2-Thinking/") == "Kimi-K2-Thinking"
     assert ServeArgs(model="/models/Kimi-K2-Thinking").model_name == "Kimi-K2-Thinking"
-    if not models.builtin_available("k2ray-demo"):
-        with pytest.raises(ConfigError, match="k2ray-demo"):
-            models.resolve_model("k2ray-demo")
+    assert models.builtin_available("k2ray-demo")  # shipped inside the package, nothing to write
+    assert models.resolve_model("k2ray-demo") == Path(models.__file__).resolve().parents[1] / "assets" / "k2ray-demo"
+    assert not (tmp_path / "models" / "k2ray-demo").exists()
 
 
 # -- the quick start, for real ----------------------------------------------------------------------------------------
