@@ -34,13 +34,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import torch
+import torch.nn.functional as F
+
 # k2ray must be installed (`pip install -e .`): its kernels package lives outside k2ray/ and only the installed
 # package maps it, so the source tree is not put on sys.path here.
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "k2ray" / "assets" / "k2ray-demo"
 
 # ---------------------------------------------------------------------------------------------------------- tools

@@ -186,8 +186,7 @@ def test_quickstart_curl_and_openai(quickstart):
     """The README's quick start, verbatim but for the port: its curl, then its openai-client tool round trip."""
     base, cache, args = quickstart
     name = args.model_name
-    if args.model == "k2ray-tiny":
-        assert any((p / "config.json").is_file() for p in (cache / "models").iterdir())  # written on first start
+    assert args.model == "k2ray-demo"  # the README's examples are the demo model's answers
     (curl,) = _readme_blocks("bash")
     curl = curl.replace("http://localhost:8000", base)
     assert curl.startswith("curl ") and f'"model": "{name}"' in curl
@@ -199,19 +198,18 @@ def test_quickstart_curl_and_openai(quickstart):
         body = httpx.post(f"{base}/v1/chat/completions", content=data,
                           headers={"Content-Type": "application/json"}, timeout=120).json()
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
-    if args.model == "k2ray-demo":
-        assert "Tokyo" in body["choices"][0]["message"]["content"], body
-        assert body["choices"][0]["finish_reason"] == "stop"
+    assert "Tokyo" in body["choices"][0]["message"]["content"], body
+    assert body["choices"][0]["finish_reason"] == "stop"
 
     (snippet,) = [b for b in _readme_blocks("python") if "from openai import OpenAI" in b]
     snippet = snippet.replace("http://localhost:8000", base)
     out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    if args.model == "k2ray-demo":
-        assert "Paris" in lines[0]  # the think block
-        assert lines[-2] == "get_weather {'city': 'Paris'}"
-        assert "21" in lines[-1] and "sunny" in lines[-1]
+    assert "Paris" in lines[0]  # the think block
+    assert lines[-2] == "get_weather {'city': 'Paris'}"
+    assert "21" in lines[-1] and "sunny" in lines[-1]
+    assert not (cache / "models").exists()  # the demo is in the package: nothing written on first start
 
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
     r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}])
