@@ -1,7 +1,8 @@
 """Decode step time of the Ray executor (A attention workers x E expert shards, gloo) vs the local executor.
 
 Same tiny checkpoint, same prompts, same run. Prints per batch size: ms/step, tokens/s, the Ray/local ratio and the
-all-to-all time per MoE layer (dispatch, combine) measured inside the attention workers.
+all-to-all time per MoE layer (dispatch, combine) measured inside the attention workers, for the group with the
+shared expert run after the combine (baseline) and overlapped with the dispatch (``parallel.overlap_shared_expert``).
 
     python bench/ray_executor.py [--model DIR] [--batches 1 8 64] [--steps 20] [--attention-workers 1] [--expert-shards 2]
 """
@@ -80,19 +81,28 @@ def main():
     local = LocalExecutor(model, engine)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     a, e = args.attention_workers, args.expert_shards
-    remote = RayExecutor(model, engine, ParallelConfig(executor="ray", attention_workers=a, expert_shards=e))
-    moe_layers = len(remote.args.moe_layers)
+    local_dt = {b: decode_bench(local, b, args.steps, 1, bs)[0] for b in args.batches}
+    # The same group twice: the shared expert after the combine (the baseline), then overlapped with it.
+    ray_dt: dict[tuple[bool, int], tuple[float, dict]] = {}
+    for overlap in (False, True):
+        par = ParallelConfig(executor="ray", attention_workers=a, expert_shards=e, overlap_shared_expert=overlap)
+        remote = RayExecutor(model, engine, par)
+        moe_layers = len(remote.args.moe_layers)
+        for b in args.batches:
+            ray_dt[overlap, b] = decode_bench(remote, b, args.steps, a, bs)
+        remote.shutdown()
     print(f"tiny K2, decode after a {PROMPT_LEN}-token prompt, {args.steps} steps; ray layout A={a} E={e} (gloo)")
-    print(f"{'batch':>5} {'local ms/step':>13} {'local tok/s':>11} {'ray ms/step':>11} {'ray tok/s':>9} "
-          f"{'ray/local':>9} {'a2a dispatch ms/layer':>21} {'combine ms/layer':>16}")
+    print(f"{'batch':>5} {'shared expert':>13} {'local ms/step':>13} {'local tok/s':>11} {'ray ms/step':>11} "
+          f"{'ray tok/s':>9} {'ray/local':>9} {'a2a dispatch ms/layer':>21} {'combine ms/layer':>16}")
     for b in args.batches:
-        lt, _ = decode_bench(local, b, args.steps, 1, bs)
-        rt, a2a = decode_bench(remote, b, args.steps, a, bs)
-        print(f"{b:>5} {lt * 1e3:>13.2f} {b / lt:>11.1f} {rt * 1e3:>11.2f} {b / rt:>9.1f} {lt / rt:>9.2f} "
-              f"{a2a['dispatch_s'] / moe_layers / a * 1e3:>21.3f} {a2a['combine_s'] / moe_layers / a * 1e3:>16.3f}")
-    remote.shutdown()
+        lt = local_dt[b]
+        for overlap in (False, True):
+            rt, a2a = ray_dt[overlap, b]
+            print(f"{b:>5} {'overlapped' if overlap else 'after':>13} {lt * 1e3:>13.2f} {b / lt:>11.1f} "
+                  f"{rt * 1e3:>11.2f} {b / rt:>9.1f} {lt / rt:>9.2f} "
+                  f"{a2a['dispatch_s'] / moe_layers / a * 1e3:>21.3f} {a2a['combine_s'] / moe_layers / a * 1e3:>16.3f}")
+        print(f"{b:>5} overlapped / after: {ray_dt[False, b][0] / ray_dt[True, b][0]:.2f}x tokens/s")
     ray.shutdown()
-
 
 if __name__ == "__main__":
     main()

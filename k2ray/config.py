@@ -299,6 +299,7 @@ class ParallelConfig(BaseModel):
     expert_pool: PoolPlacement = PoolPlacement()
     validate_cluster: bool = True  # check the cluster can hold the plan before starting anything
     collective_timeout_s: float = 60.0  # a stalled collective fails the step after this long
+    overlap_shared_expert: bool = True  # run the shared expert while the routed tokens are at the expert shards
 
     @field_validator("attention_workers", "expert_shards")
     @classmethod

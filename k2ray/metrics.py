@@ -242,7 +242,9 @@ KV_CACHE_USAGE = Gauge(
     "k2ray_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1), per attention worker.", ("model",))
 # ---- expert parallelism ----
 ALL_TO_ALL_SECONDS = Histogram(
-    "k2ray_all_to_all_seconds", "Duration of one MoE all-to-all exchange, by op (dispatch, combine).",
+    "k2ray_all_to_all_seconds",
+    "Attention-side time of one MoE layer's all-to-all, by op: dispatch (sending the rows), combine (waiting for the "
+    "experts' results after the shared expert ran meanwhile).",
     ("model", "op"), FAST_BUCKETS)
 EXPERT_TOKENS_TOTAL = Counter(
     "k2ray_expert_tokens_total", "Tokens routed to a logical expert on a physical shard, summed over MoE layers.",

@@ -57,9 +57,11 @@ def local_tokens(tiny_weights_dir):
     return greedy_decode(LocalExecutor(tiny_weights_dir, ENGINE), PROMPTS, steps=8)
 
 
-@pytest.mark.parametrize("a,e", [(1, 1), (1, 2), (2, 2), (1, 4)])
-def test_ray_equals_local(cluster, tiny_weights_dir, local_tokens, a, e):
-    ex = RayExecutor(tiny_weights_dir, ENGINE, ParallelConfig(executor="ray", attention_workers=a, expert_shards=e))
+@pytest.mark.parametrize("a,e,overlap", [(1, 1, True), (1, 2, True), (1, 2, False), (2, 2, True), (1, 4, True)])
+def test_ray_equals_local(cluster, tiny_weights_dir, local_tokens, a, e, overlap):
+    """Token for token, with the shared expert overlapped with the all-to-all (the default) and run after it."""
+    par = ParallelConfig(executor="ray", attention_workers=a, expert_shards=e, overlap_shared_expert=overlap)
+    ex = RayExecutor(tiny_weights_dir, ENGINE, par)
     try:
         got = greedy_decode(ex, PROMPTS, steps=8, partitions=a)
         stats = ex.execute(StepInput([])).stats  # an empty step still runs every collective

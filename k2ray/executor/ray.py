@@ -107,7 +107,8 @@ class RayExecutor:
         threads = max(1, int(p.cpus_per_worker))
         self.attention = [
             _RemoteAttention.options(**opts(i)).remote(
-                self.model_dir, self.engine, self.layout, i, self.placement, p.device, threads
+                self.model_dir, self.engine, self.layout, i, self.placement, p.device, threads,
+                p.overlap_shared_expert,
             )
             for i in range(self.layout.attention_workers)
         ]

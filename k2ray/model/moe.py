@@ -111,7 +111,9 @@ class MoE(nn.Module):
     """``routed(x) + shared_experts(x)``.
 
     ``routed`` is the local :class:`RoutedExperts` by default; the expert-parallel executor swaps in a callable with
-    the same signature that sends tokens to the expert shards (all-to-all) and brings the results back.
+    the same signature that sends tokens to the expert shards (all-to-all) and brings the results back. If it also
+    has ``overlap = True`` and ``start(x, ids, weights) -> pending`` (``pending.wait() -> [T, H]``), the shared expert
+    runs between the two.
     """
 
     def __init__(
@@ -132,4 +134,8 @@ class MoE(nn.Module):
         routed = self._routed or self.experts
         if routed is None:
             raise RuntimeError("MoE layer has no routed experts attached")
+        if getattr(routed, "overlap", False):  # remote experts: the shared expert runs while the tokens are away
+            pending = routed.start(x, topk_ids, topk_weights)
+            shared = self.shared_experts(x)
+            return pending.wait() + shared
         return routed(x, topk_ids, topk_weights) + self.shared_experts(x)

@@ -83,8 +83,10 @@ class DispatchClient:
         hidden_size: int,
         top_k: int,
         group=None,
+        overlap: bool = True,
     ):
         self.layout, self.worker, self.placement = layout, worker, placement
+        self.overlap = overlap  # MoE.forward runs the shared expert between start() and wait()
         self.hidden_size, self.top_k, self.group = hidden_size, top_k, group
         self.mode = wire_mode(layout, top_k)
         self.tables = placement.lookup_tensors()
@@ -95,6 +97,12 @@ class DispatchClient:
         self.tokens_per_worker = list(tokens_per_worker)
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.start(x, topk_ids, topk_weights).wait()
+
+    def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> "PendingCombine":
+        """Send this layer's rows and post the receive of the shards' partial sums without waiting for either, so
+        the caller can run the shared expert while the shards compute (``MoE.forward`` does). Both collectives are
+        issued in the same order on every rank, so the shards see the usual dispatch-then-combine sequence."""
         a, e = self.layout.attention_workers, self.layout.expert_shards
         t = x.shape[0]
         if self.tokens_per_worker is None or self.tokens_per_worker[self.worker] != t:
@@ -116,16 +124,39 @@ class DispatchClient:
         if self.mode == "counts":
             _a2a(torch.tensor([0] * a + counts, dtype=torch.int64), [1] * (a + e), [1] * (a + e), self.group)
         send_splits = [0] * a + counts
-        _a2a(send, send_splits, [0] * (a + e), self.group)
+        recv = torch.empty(sum(counts), self.hidden_size * x.element_size(), dtype=torch.uint8)
+        works = [
+            dist.all_to_all_single(
+                send.new_empty((0, send.shape[1])), send, [0] * (a + e), send_splits, group=self.group, async_op=True
+            ),
+            dist.all_to_all_single(
+                recv, _as_bytes(x.new_empty(0, self.hidden_size)), send_splits, [0] * (a + e),
+                group=self.group, async_op=True,
+            ),
+        ]
+        self.stats.dispatch_s += time.perf_counter() - t0
+        return PendingCombine(self, works, recv, torch.cat(token_of), t, x.dtype)
+
+
+class PendingCombine:
+    """One MoE layer's dispatch and combine in flight; :meth:`wait` returns the summed partial results ``[T, H]``."""
+
+    def __init__(self, client: DispatchClient, works, recv, token_of, tokens, dtype):
+        self.client, self.works, self.recv, self.token_of = client, works, recv, token_of
+        self.tokens, self.dtype = tokens, dtype
+
+    def wait(self) -> torch.Tensor:
+        stats = self.client.stats
         t1 = time.perf_counter()
-        back = _a2a_bytes(x.new_empty(0, self.hidden_size), [0] * (a + e), send_splits, self.group)
+        for w in self.works:
+            w.wait()
         t2 = time.perf_counter()
-        self.stats.dispatch_s += t1 - t0
-        self.stats.combine_s += t2 - t1
-        self.stats.layers += 1
-        out = torch.zeros(t, self.hidden_size, dtype=torch.float32)
-        out.index_add_(0, torch.cat(token_of), back.float())
-        return out.to(x.dtype)
+        stats.combine_s += t2 - t1  # what is still outstanding once the overlapped work is done
+        stats.layers += 1
+        back = self.recv.view(self.dtype)
+        out = torch.zeros(self.tokens, self.client.hidden_size, dtype=torch.float32)
+        out.index_add_(0, self.token_of, back.float())
+        return out.to(self.dtype)
 
 
 class ExpertServer:

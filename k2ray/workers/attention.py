@@ -29,6 +29,7 @@ class AttentionWorker:
         placement: ExpertPlacement,
         device: str = "cpu",
         threads: int = 1,
+        overlap_shared_expert: bool = True,
     ):
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
@@ -38,6 +39,7 @@ class AttentionWorker:
         self.num_kv_blocks = engine.kv_blocks_for(self.args)
         self.runner = ModelRunner(model, self.num_kv_blocks, engine.block_size, engine.torch_dtype, device)
         self.client: DispatchClient | None = None
+        self.overlap = overlap_shared_expert
 
     def ready(self) -> dict:
         return {"num_kv_blocks": self.num_kv_blocks, "node_ip": node_ip(), "node_id": node_id(), "pid": os.getpid()}
@@ -49,7 +51,9 @@ class AttentionWorker:
     def join_group(self, backend: str, address: str, port: int, timeout_s: float) -> None:
         init_group(backend, address, port, self.layout.attention_rank(self.index), self.layout.world_size, timeout_s)
         a = self.args
-        self.client = DispatchClient(self.layout, self.index, self.placement, a.hidden_size, a.num_experts_per_tok)
+        self.client = DispatchClient(
+            self.layout, self.index, self.placement, a.hidden_size, a.num_experts_per_tok, overlap=self.overlap
+        )
         for moe in self.runner.model.moe_layers:
             moe.set_routed(self.client)
 
