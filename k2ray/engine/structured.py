@@ -50,7 +50,7 @@ class GuidedDecoding(BaseModel):
 
     ``tools`` + ``tool_choice`` constrain the tool-call section (``auto``: free text, but once the model opens a
     tool section the calls are constrained; ``required``: at least one call; ``{"name": ...}``: that function).
-    ``thinking`` lets a free ``…</think>`` reasoning block come first.
+    ``thinking`` lets a free ``[<think>]…</think>`` reasoning block come first.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -163,12 +163,12 @@ def structural_tag(guided: GuidedDecoding) -> str:
     """The xgrammar structural tag (JSON text) for ``guided``, markers spelled with their sentinels."""
     body = _body_format(guided)
     if guided.thinking:
-        # Free reasoning up to </think>; it may not open a tool section or repeat <think>.
-        reasoning = {
-            "type": "tag", "begin": "",
-            "content": {"type": "any_text", "excludes": list(TOOL_MARKERS) + ["<think>"]},
-            "end": "</think>",
-        }
+        # Free reasoning up to </think>, opened by the model's own <think> or not (K2-Thinking writes it, K2.5's
+        # template pre-fills it); inside it may not open a tool section or a second <think>.
+        free = {"type": "any_text", "excludes": list(TOOL_MARKERS) + ["<think>"]}
+        reasoning = {"type": "or", "elements": [
+            {"type": "tag", "begin": begin, "content": free, "end": "</think>"} for begin in ("<think>", "")
+        ]}
         body = {"type": "sequence", "elements": [reasoning, body]}
     text = json.dumps({"type": "structural_tag", "format": body})
     for m in MARKERS:

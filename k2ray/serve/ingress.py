@@ -563,16 +563,15 @@ class OpenAIIngress:
         elif choice == "required":
             prefill = f"{_TOOL_SECTION_BEGIN}{_TOOL_CALL_BEGIN}functions."
         if guided is None and rf is not None and rf.type == "json_object":
-            guided = {"json_object": True}
+            guided = {"json_object": True, "thinking": thinking}
         elif guided is None and rf is not None and rf.type == "json_schema":
             schema = (getattr(rf, "json_schema", None) or {})
             schema = schema.get("schema") if isinstance(schema, dict) else None
             if not isinstance(schema, dict):
                 raise _bad("response_format.json_schema.schema: expected a JSON schema object",
                            "response_format.json_schema.schema")
-            guided = {"json_schema": schema}
-        if guided is not None and "tools" not in guided:
-            thinking = False  # the whole output is the constrained JSON: it is content
+            # A thinking model reasons first (reasoning_content); the constraint applies to what follows </think>.
+            guided = {"json_schema": schema, "thinking": thinking}
         ids = list(cp.token_ids)
         if prefill:
             ids += tok.encode_with_specials(tok.split_special(prefill))

@@ -140,3 +140,37 @@ def test_invalid_constraints_name_the_problem(so, kwargs, needle):
 def test_exactly_one_constraint():
     with pytest.raises(ValueError, match="exactly one constraint"):
         GuidedDecoding(regex="a", choice=["b"])
+
+
+@pytest.mark.parametrize("guided", [
+    GuidedDecoding(json_schema={"type": "object", "properties": {"a": {"type": "integer"}}}, thinking=True),
+    GuidedDecoding(tools=TOOLS, tool_choice="required", thinking=True),
+], ids=["json_schema", "tools"])
+def test_reasoning_may_open_with_think_once(so, tok, guided):
+    """K2-Thinking writes its own leading <think> (K2.5's template pre-fills it): both are accepted, a second <think>
+    is not, and the constraint starts after </think>."""
+    think, end = tok.token_to_id("<think>"), tok.token_to_id("</think>")
+    for opener in ([think], []):
+        m = so.matcher(guided)
+        assert so.allowed_masks([m])[0][think]
+        for t in opener + tok.encode("Let me see."):
+            assert m.accept(t)
+        allowed = so.allowed_masks([m])[0]
+        assert not allowed[think] and allowed[end]
+        assert m.accept(end)
+        allowed = so.allowed_masks([m])[0]
+        assert not allowed[think] and not allowed[end]
+        first = "{" if guided.json_schema is not None else "<|tool_calls_section_begin|>"
+        assert allowed[tok.encode(first, allow_special=True)[0]]
+        assert not allowed[tok.encode("Let")[0]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_schema_after_reasoning_validates(so, tok, seed):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    ids, stopped = random_walk(so, tok, GuidedDecoding(json_schema=schema, thinking=True), seed, max_tokens=300,
+                               bias=_stop_bias(tok, so.vocab_size))
+    assert stopped
+    parsed = parse_output(tok.decode(ids), thinking=True, tools=False).to_message()
+    jsonschema.validate(json.loads(parsed["content"]), schema)

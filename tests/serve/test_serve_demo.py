@@ -87,3 +87,24 @@ def test_tool_call_round_trip(client, train_demo):
     assert final.finish_reason == "stop", final
     assert not final.message.tool_calls
     assert "22" in (final.message.content or ""), final.message
+
+
+def test_constrained_outputs_keep_the_models_reasoning(client, train_demo):
+    """With a grammar (tool_choice required, a JSON schema), the thinking model still opens its own <think> block
+    and reasons as it does unconstrained; the constraint applies after </think>."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "What's the weather in Paris?"}], temperature=0,
+              max_tokens=160)
+    free, _ = _first_turn(client, train_demo.TOOLS, stream=False)
+    r = client.chat.completions.create(tools=train_demo.TOOLS, tool_choice="required", **kw)
+    forced = r.choices[0].message.model_dump(exclude_none=True)
+    assert forced["reasoning_content"] == free["reasoning_content"]
+    assert forced["tool_calls"] == free["tool_calls"]
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}, **kw)
+    ch = r.choices[0]
+    assert ch.finish_reason == "stop", ch
+    assert ch.message.model_extra.get("reasoning_content") == free["reasoning_content"]
+    assert json.loads(ch.message.content) == {"city": "Paris"}
