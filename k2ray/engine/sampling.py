@@ -5,7 +5,7 @@ draw their randomness from ``(seed, output index)`` only — reproducible across
 preemptions. For ``n > 1`` completion ``i`` uses :func:`derive_seed` ``(seed, i)``.
 
 Order of operations on a row: repetition penalty (prompt and output tokens), frequency and presence penalties (output
-tokens), banned tokens (e.g. stop tokens before ``min_tokens``) and the allowed mask, then — unless greedy —
+tokens), ``logit_bias`` (added to the logits, OpenAI's semantics), banned tokens (e.g. stop tokens before ``min_tokens``) and the allowed mask, then — unless greedy —
 temperature, top-k, softmax, top-p (smallest prefix of the sorted distribution whose mass reaches ``top_p``), min-p
 (drop tokens below ``min_p`` times the top probability), and a draw from what is left. Reported logprobs are those of
 the model's raw distribution (``log_softmax`` of the logits before any of the above).
@@ -47,6 +47,7 @@ class SamplingParams(BaseModel):
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     guided_decoding: Optional[GuidedDecoding] = None  # grammar-constrained output (tool calls, JSON schema, regex, ...)
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit before sampling ([-100, 100] as OpenAI)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -74,6 +75,8 @@ class SamplingParams(BaseModel):
              f"must be in [0, {_MAX_LOGPROBS}]"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be non-negative token ids"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("logit_bias", all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
+             "token ids must be non-negative and biases in [-100, 100]"),
         ]
         for name, ok, msg in checks:
             if not ok:
@@ -83,6 +86,11 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS or self.top_k == 1
+
+    @property
+    def needs_row_work(self) -> bool:
+        """Anything beyond an argmax or a plain draw on the raw logits (penalties, biases)."""
+        return self.needs_history or bool(self.logit_bias)
 
     @property
     def needs_history(self) -> bool:
@@ -186,7 +194,7 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Sample]:
     logprobs = torch.log_softmax(logits, dim=-1)
     work = logits
     special = [i for i, r in enumerate(requests)
-               if r.params.needs_history or r.banned_ids or r.allowed_mask is not None]
+               if r.params.needs_row_work or r.banned_ids or r.allowed_mask is not None]
     if special:
         work = logits.clone()
         for i in special:
@@ -194,6 +202,11 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Sample]:
             row = work[i]
             if r.params.needs_history:
                 apply_penalties(row, r)
+            if r.params.logit_bias:
+                ids = [t for t in r.params.logit_bias if t < row.numel()]
+                if ids:
+                    bias = torch.tensor([r.params.logit_bias[t] for t in ids], dtype=row.dtype, device=row.device)
+                    row[torch.tensor(ids, dtype=torch.long, device=row.device)] += bias
             if r.banned_ids:
                 row[torch.tensor(r.banned_ids, dtype=torch.long, device=row.device)] = float("-inf")
             if r.allowed_mask is not None:

@@ -337,11 +337,24 @@ class OpenAIIngress:
                        f"length of {limit} tokens", "max_tokens", "context_length_exceeded")
         return requested
 
-    @staticmethod
-    def _sampling(req, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int],
+    def _logit_bias(self, bias: Optional[dict[str, float]]) -> dict[int, float]:
+        """OpenAI's ``{"token id": bias}`` -> ``{id: bias}``, ids checked against the tokenizer."""
+        out = {}
+        vocab = self.tokenizer.vocab_size
+        for key, value in (bias or {}).items():
+            try:
+                tid = int(key)
+            except ValueError:
+                raise _bad(f"logit_bias: key {key!r} is not a token id", "logit_bias") from None
+            if not 0 <= tid < vocab:
+                raise _bad(f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab})", "logit_bias")
+            if not -100.0 <= value <= 100.0:
+                raise _bad(f"logit_bias: bias {value} of token {tid} is outside [-100, 100]", "logit_bias")
+            out[tid] = float(value)
+        return out
+
+    def _sampling(self, req, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int],
                   skip_special: bool) -> dict:
-        if req.logit_bias:
-            raise _bad("logit_bias: not supported", "logit_bias")
         stop = req.stop
         return {
             "n": req.n,
@@ -362,6 +375,7 @@ class OpenAIIngress:
             "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,
             "skip_special_tokens": skip_special,
+            "logit_bias": self._logit_bias(req.logit_bias),
         }
 
     def _token_str(self, tok: int) -> str:

@@ -58,6 +58,20 @@ def test_banned_ids_and_allowed_mask():
     assert sample(row, [_req(temperature=0.0, allowed_mask=mask)])[0].token_id == 3
 
 
+def test_logit_bias_adds_to_the_logits():
+    row = torch.tensor([[0.0, 5.0, 4.0, 1.0]])
+    # +2 on token 2 (4 -> 6) beats token 1; -100 bans; reported logprobs stay the model's
+    (s,) = sample(row, [_req(temperature=0.0, logit_bias={2: 2.0})])
+    assert s.token_id == 2 and s.logprob == pytest.approx(float(torch.log_softmax(row[0], -1)[2]))
+    assert sample(row, [_req(temperature=0.0, logit_bias={1: -100.0, 2: -100.0})])[0].token_id == 3
+    assert sample(row, [_req(temperature=0.0, logit_bias={1: 0.5})])[0].token_id == 1
+    # sampled: the distribution is softmax(logits + bias)
+    freq = _draws(torch.tensor([0.0, 0.0]), logit_bias={1: math.log(3.0)})
+    assert freq[1].item() == pytest.approx(0.75, abs=0.04)
+    with pytest.raises(ValidationError, match="logit_bias"):
+        SamplingParams(logit_bias={3: 101.0})
+
+
 def _draws(logits, n=2000, **kw):
     counts = torch.zeros(logits.numel())
     for i in range(n):

@@ -247,6 +247,22 @@ def test_stop_strings(client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
 
 
+def test_logit_bias(client, http):
+    """+100 on one token makes greedy decoding repeat it; -100 on the unbiased greedy first token removes it."""
+    (word,) = http.post("/tokenize", json={"model": MODEL, "prompt": " the"}).json()["tokens"]
+    kw = dict(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=4, logprobs=1)
+    r = client.completions.create(logit_bias={str(word): 100}, **kw).choices[0]
+    assert r.text == " the" * 4
+    free = client.completions.create(**kw).choices[0].logprobs
+    first = http.post("/tokenize", json={"model": MODEL, "prompt": free.tokens[0]}).json()["tokens"]
+    banned = client.completions.create(logit_bias={str(first[0]): -100}, **kw).choices[0].logprobs
+    assert banned.tokens[0] != free.tokens[0]
+    chat = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_tokens=3,
+                                          logit_bias={str(word): 100},
+                                          extra_body={"chat_template_kwargs": {"thinking": False}})
+    assert chat.choices[0].message.content == " the" * 3
+
+
 # -- tools -------------------------------------------------------------------------------------------------------------
 def test_tools_choices(client, http):
     tools = [WEATHER_TOOL]
@@ -330,6 +346,10 @@ BAD_INPUTS = [
      "messages"),
     ("missing-messages", CHAT, {"model": MODEL}, None, 400, None, "messages"),
     ("token-out-of-vocab", CMPL, {"model": MODEL, "prompt": [1, 2, 10**9]}, None, 400, None, "prompt"),
+    ("logit_bias-not-a-token-id", CHAT, {**OK_CHAT, "logit_bias": {"hello": 5}}, None, 400, None, "logit_bias"),
+    ("logit_bias-out-of-vocab", CMPL, {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 5}}, None, 400,
+     None, "logit_bias"),
+    ("logit_bias-out-of-range", CHAT, {**OK_CHAT, "logit_bias": {"5": 250}}, None, 400, None, "logit_bias"),
     ("unknown-tool-choice", CHAT, {**OK_CHAT, "tools": [WEATHER_TOOL],
                                    "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      None, 400, None, "tool_choice"),
