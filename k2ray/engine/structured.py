@@ -16,6 +16,7 @@ an empty spelling, which xgrammar never allows. Ordinary tokens holding other co
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any, Literal, Optional, Union
 
@@ -230,7 +231,9 @@ class StructuredOutputs:
             what = "json_schema" if guided.json_schema is not None or guided.json_object else (
                 "regex" if guided.regex is not None else "tools" if guided.tools is not None else "grammar"
             )
-            raise GrammarError(f"{what}: cannot compile: {str(e).splitlines()[0][:300]}") from None
+            # (xgrammar prefixes its messages with a time and its C++ source location: not for API clients)
+            reason = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", str(e).splitlines()[0])
+            raise GrammarError(f"{what}: cannot compile: {reason[:300]}") from None
 
     def matcher(self, guided: GuidedDecoding) -> GrammarMatcher:
         return GrammarMatcher(self.compile(guided), self.vocab_size)

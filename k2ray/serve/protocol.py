@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOP_LOGPROBS = 20
 
@@ -43,11 +43,21 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False
 
 
+def _check_function_name(name: str) -> str:
+    # Kimi writes calls as ``functions.NAME:IDX`` between special tokens: a name with whitespace or a marker could
+    # never come back as a call.
+    if any(c.isspace() or ord(c) < 0x20 for c in name) or "<|" in name or "<think>" in name or "</think>" in name:
+        raise ValueError(f"function name {name!r} must not contain whitespace, control characters or special tokens")
+    return name
+
+
 class FunctionDefinition(_Request):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=256)
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     strict: Optional[bool] = None
+
+    _name = field_validator("name")(_check_function_name)
 
 
 class Tool(_Request):

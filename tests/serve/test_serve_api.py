@@ -350,6 +350,10 @@ BAD_INPUTS = [
     ("logit_bias-out-of-vocab", CMPL, {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 5}}, None, 400,
      None, "logit_bias"),
     ("logit_bias-out-of-range", CHAT, {**OK_CHAT, "logit_bias": {"5": 250}}, None, 400, None, "logit_bias"),
+    ("tool-name-with-space", CHAT, {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "get weather"}}]},
+     None, 400, None, "tools[0].function.name"),
+    ("tool-schema-does-not-compile", CHAT, {**OK_CHAT, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}]}, None, 400, None, "tools"),
     ("unknown-tool-choice", CHAT, {**OK_CHAT, "tools": [WEATHER_TOOL],
                                    "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      None, 400, None, "tool_choice"),
