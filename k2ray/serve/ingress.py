@@ -337,6 +337,14 @@ class OpenAIIngress:
                        f"length of {limit} tokens", "max_tokens", "context_length_exceeded")
         return requested
 
+    def _check_fits(self, sequences: int, param: str) -> None:
+        """A request whose sequences (prompts x n) exceed what one model group can ever hold is a 400, not a 503:
+        retrying it would never help."""
+        capacity = self.args.engine.max_num_seqs + self.args.max_queued_requests
+        if sequences > capacity:
+            raise _bad(f"{param}: the request needs {sequences} sequences (prompts x n), more than one model group "
+                       f"holds (max_num_seqs + max_queued_requests = {capacity})", param)
+
     def _logit_bias(self, bias: Optional[dict[str, float]]) -> dict[int, float]:
         """OpenAI's ``{"token id": bias}`` -> ``{id: bias}``, ids checked against the tokenizer."""
         out = {}
@@ -553,6 +561,7 @@ class OpenAIIngress:
                        "tool_choice")
         if req.n < 1:
             raise _bad(f"n: must be at least 1 (got {req.n})", "n")
+        self._check_fits(req.n, "n")
         guided_field = self.info.get("guided_field")  # engine support for grammar-constrained decoding
         rf = req.response_format
         if rf is not None and rf.type != "text" and (not guided_field or rf.type not in ("json_object",
@@ -751,6 +760,7 @@ class OpenAIIngress:
                 raise _bad("prompt: must not be empty", "prompt")
             prompt_ids.append(ids)
             prompt_texts.append(text)
+        self._check_fits(len(prompt_ids) * req.n, "n" if len(prompt_ids) == 1 else "prompt")
         max_tokens = [self._max_tokens(req.max_tokens, len(ids), "prompt") for ids in prompt_ids]
         k = req.logprobs
         want_prompt_lp = k if (req.echo and k is not None) else None

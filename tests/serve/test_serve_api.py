@@ -338,6 +338,10 @@ BAD_INPUTS = [
     ("temperature-out-of-range", CHAT, {**OK_CHAT, "temperature": 3.5}, None, 400, None, "temperature"),
     ("top_p-out-of-range", CHAT, {**OK_CHAT, "top_p": 0}, None, 400, None, "top_p"),
     ("n-zero", CHAT, {**OK_CHAT, "n": 0}, None, 400, None, "n"),
+    # more sequences than a model group ever holds: 400 at once (a 503 would invite useless retries)
+    ("n-over-group-capacity", CHAT, {**OK_CHAT, "n": MAX_NUM_SEQS + MAX_QUEUED + 1}, None, 400, None, "n"),
+    ("prompts-x-n-over-group-capacity", CMPL, {"model": MODEL, "prompt": ["a", "b", "c", "d"], "n": 2}, None, 400,
+     None, "prompt"),
     ("top_logprobs-without-logprobs", CHAT, {**OK_CHAT, "top_logprobs": 2}, None, 400, None, "top_logprobs"),
     ("logprobs-too-many", CMPL, {"model": MODEL, "prompt": "x", "logprobs": 50}, None, 400, None, "logprobs"),
     ("response-format-unsupported", CHAT, {**OK_CHAT, "response_format": {"type": "yaml"}}, None, 400, None,
