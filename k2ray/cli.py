@@ -53,9 +53,15 @@ def _positive_int(v: str) -> int:
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (e.g. from `k2ray make-tiny`)")
+    p.add_argument("--model", required=True,
+                   help="model directory (e.g. from `k2ray make-tiny`) or a built-in name: k2ray-demo, k2ray-tiny")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for several prompts (batched together)")
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the chat template; print reasoning, content and "
+                        "tool calls")
+    p.add_argument("--tools", help="with --chat: the tools to declare, a JSON list (OpenAI format) or @FILE")
+    p.add_argument("--no-thinking", action="store_true", help="with --chat: chat_template_kwargs thinking=false")
     p.add_argument("--max-tokens", type=_positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -79,9 +85,17 @@ def _generate_run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, n=args.n, stop=args.stop or [], ignore_eos=args.ignore_eos,
     )
+    tools = _load_tools(args.tools) if args.tools else None
+    if (tools or args.no_thinking) and not args.chat:
+        raise ValueError("--tools and --no-thinking need --chat")
     llm = LLM(args.model, dtype=args.dtype, executor=args.executor, attention_workers=args.attention_workers,
               expert_shards=args.expert_shards)
     try:
+        if args.chat:
+            chats = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, tools=tools,
+                             chat_template_kwargs={"thinking": False} if args.no_thinking else None)
+            _print_chats(chats, args)
+            return 0
         results = llm.generate(args.prompt, params)
     finally:
         llm.shutdown()
@@ -94,6 +108,44 @@ def _generate_run(args: argparse.Namespace) -> int:
             if args.show_tokens:
                 print(f"token_ids: {out.token_ids}")
     return 0
+
+
+def _load_tools(spec: str) -> list:
+    import json
+
+    where = "--tools"
+    if spec.startswith("@"):
+        where = spec[1:]
+        try:
+            spec = open(where, encoding="utf-8").read()
+        except OSError as e:
+            raise ValueError(f"--tools: cannot read {where}: {e.strerror}") from None
+    try:
+        tools = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f"{where}: expected a JSON list of tools ({{\"type\": \"function\", \"function\": ...}})")
+    return tools
+
+
+def _print_chats(chats, args: argparse.Namespace) -> None:
+    import json
+
+    many = len(chats) > 1 or args.n > 1
+    for i, chat in enumerate(chats):
+        for j, (msg, reason) in enumerate(zip(chat.messages, chat.finish_reasons)):
+            if many:
+                print(f"--- prompt {i} completion {j} ({reason})")
+            if msg.get("reasoning_content"):
+                print(f"[reasoning] {msg['reasoning_content']}")
+            if msg.get("content"):
+                print(msg["content"])
+            for call in msg.get("tool_calls", []):
+                fn = call["function"]
+                print(f"[tool call {call['id']}] {fn['name']} {fn['arguments']}")
+            if args.show_tokens:
+                print(f"token_ids: {chat.output.outputs[j].token_ids}")
 
 
 register("make-tiny", "write the tiny random-weight K2-format checkpoint", _make_tiny_args, _make_tiny_run)

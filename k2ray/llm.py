@@ -1,12 +1,14 @@
-"""The offline API: ``LLM(model=DIR).generate(prompts, SamplingParams(...))``.
+"""The offline API: ``LLM(model=DIR).generate(prompts, SamplingParams(...))`` and ``LLM.chat(messages, ...)``.
 
 All prompts of one ``generate`` call go through the continuous batcher together; results come back in prompt order.
+``model`` is a checkpoint directory or a built-in name (``k2ray-demo``, ``k2ray-tiny``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from k2ray.config import EngineConfig, ParallelConfig
 from k2ray.engine.engine import LLMEngine
@@ -14,6 +16,16 @@ from k2ray.engine.request import RequestOutput
 from k2ray.engine.sampling import SamplingParams
 
 PromptLike = str | Sequence[int]
+
+
+@dataclass
+class ChatOutput:
+    """One conversation's result: the engine output and, per completion, the OpenAI assistant message parsed from it
+    (``content``, ``reasoning_content``, ``tool_calls``) with its ``finish_reason`` (``tool_calls`` when it called)."""
+
+    output: RequestOutput
+    messages: list[dict]
+    finish_reasons: list[Optional[str]]
 
 
 class LLM:
@@ -34,7 +46,9 @@ class LLM:
         parallel: ParallelConfig | dict | None = None,
         **engine_kwargs,
     ):
-        model_dir = Path(model)
+        from k2ray.serve.models import BUILTIN_MODELS, resolve_model  # (no Ray: names -> directories)
+
+        model_dir = resolve_model(str(model)) if str(model) in BUILTIN_MODELS else Path(model)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"model: {model_dir} is not a model directory (no config.json)")
         self.model_dir = model_dir
@@ -99,6 +113,38 @@ class LLM:
                     engine.abort_request(r.request_id)
             raise
         return [final[r.request_id] for r in reqs]
+
+    def chat(
+        self,
+        conversations: Sequence[dict] | Sequence[Sequence[dict]],
+        params: SamplingParams | None = None,
+        tools: Optional[list[dict]] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+    ) -> list[ChatOutput]:
+        """Render each conversation (OpenAI messages) with the model's chat template, generate, and parse the
+        reasoning and tool calls as the Serve API does. One conversation or a list of them."""
+        from k2ray.tokenizer.chat import ChatTemplate
+        from k2ray.tokenizer.parsers import parse_output
+
+        convs = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
+        template = ChatTemplate.from_dir(self.model_dir, self.tokenizer)
+        prompts = [template.apply(c, tools, **(chat_template_kwargs or {})) for c in convs]
+        params = params or SamplingParams()
+        # the parser needs the markers in the text; it hides them itself
+        params = params.model_copy(update={"skip_special_tokens": False})
+        thinks = "think>" in template.source
+        results = []
+        for cp, out in zip(prompts, self.generate([cp.token_ids for cp in prompts], params)):
+            msgs, reasons = [], []
+            for o in out.outputs:
+                parsed = parse_output(o.text, thinking=thinks and cp.thinking, tools=bool(tools),
+                                      tool_call_offset=cp.tool_call_offset,
+                                      hidden_tokens=tuple(self.tokenizer.special_tokens))
+                msg = parsed.to_message()
+                msgs.append(msg)
+                reasons.append("tool_calls" if msg.get("tool_calls") and o.finish_reason == "stop" else o.finish_reason)
+            results.append(ChatOutput(out, msgs, reasons))
+        return results
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -153,6 +153,32 @@ def test_weather_tool_call_and_answer(demo):
     assert not fc.tool_calls and "1081" in fc.content, final[1]
 
 
+def test_llm_chat_and_cli_chat(demo, train_demo, capsys):
+    """``LLM.chat`` (by built-in name) and ``k2ray generate --chat`` give the assistant turn that rendering with the
+    chat template, generating and parsing by hand gives."""
+    from k2ray import LLM, SamplingParams
+    from k2ray.cli import main
+    from k2ray.tokenizer.parsers import parse_output
+
+    weather = [{"role": "user", "content": "What's the weather in Paris?"}]
+    want = parse_output(demo([weather])[0]).to_message()
+    assert want["tool_calls"][0]["function"]["name"] == "get_weather"
+    with LLM("k2ray-demo") as llm:
+        (res,) = llm.chat(weather, SamplingParams(temperature=0, max_tokens=80), tools=train_demo.TOOLS)
+    assert res.messages == [want] and res.finish_reasons == ["tool_calls"]
+
+    argv = ["generate", "--model", "k2ray-demo", "--chat", "--prompt", weather[0]["content"], "--max-tokens", "80",
+            "--tools", json.dumps(train_demo.TOOLS)]
+    assert main(argv) == 0
+    call = want["tool_calls"][0]
+    assert capsys.readouterr().out.splitlines() == [
+        f"[reasoning] {want['reasoning_content']}",
+        f"[tool call {call['id']}] get_weather {call['function']['arguments']}",
+    ]
+    assert main(argv[:-2] + ["--tools", "{not json"]) == 1
+    assert "k2ray: error: --tools: not valid JSON" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------- executors
 @pytest.mark.ray
 def test_ray_executor_gives_the_local_tokens(train_demo):
