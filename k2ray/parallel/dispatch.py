@@ -107,13 +107,16 @@ class DispatchClient:
         t = x.shape[0]
         if self.tokens_per_worker is None or self.tokens_per_worker[self.worker] != t:
             raise RuntimeError("DispatchClient: begin_step() was not called with this worker's token count")
+        dev = x.device
+        if self.tables[0].device != dev:  # routing tables live where the router's top-k ids are
+            self.tables = tuple(tb.to(dev) for tb in self.tables)
         shard, slot = self.placement.route(topk_ids, self.tables)
         rows, token_of = [], []
         for s in range(e):
             on_s = shard == s
             slots_s = torch.where(on_s, slot, torch.full_like(slot, -1))
             if self.mode == "padded":
-                tok = torch.arange(t)
+                tok = torch.arange(t, device=dev)
             else:
                 tok = torch.nonzero(on_s.any(dim=1)).flatten()
             rows.append(pack_rows(x[tok], slots_s[tok], topk_weights[tok]))
@@ -122,9 +125,10 @@ class DispatchClient:
         counts = [len(tk) for tk in token_of]
         t0 = time.perf_counter()
         if self.mode == "counts":
-            _a2a(torch.tensor([0] * a + counts, dtype=torch.int64), [1] * (a + e), [1] * (a + e), self.group)
+            _a2a(torch.tensor([0] * a + counts, dtype=torch.int64, device=dev), [1] * (a + e), [1] * (a + e),
+                 self.group)
         send_splits = [0] * a + counts
-        recv = torch.empty(sum(counts), self.hidden_size * x.element_size(), dtype=torch.uint8)
+        recv = torch.empty(sum(counts), self.hidden_size * x.element_size(), dtype=torch.uint8, device=dev)
         works = [
             dist.all_to_all_single(
                 send.new_empty((0, send.shape[1])), send, [0] * (a + e), send_splits, group=self.group, async_op=True
@@ -154,7 +158,7 @@ class PendingCombine:
         stats.combine_s += t2 - t1  # what is still outstanding once the overlapped work is done
         stats.layers += 1
         back = self.recv.view(self.dtype)
-        out = torch.zeros(self.tokens, self.client.hidden_size, dtype=torch.float32)
+        out = torch.zeros(self.tokens, self.client.hidden_size, dtype=torch.float32, device=self.recv.device)
         out.index_add_(0, self.token_of, back.float())
         return out.to(self.dtype)
 
@@ -172,8 +176,10 @@ class ExpertServer:
         dtype: torch.dtype,
         num_local: int,
         group=None,
+        device: str | torch.device = "cpu",
     ):
         self.layout, self.shard, self.experts = layout, shard, experts
+        self.device = torch.device(device)  # buffers handed to the collective (NCCL needs them on the GPU)
         self.hidden_size, self.top_k, self.dtype, self.group = hidden_size, top_k, dtype, group
         self.mode = wire_mode(layout, top_k)
         self.num_local = num_local
@@ -182,15 +188,17 @@ class ExpertServer:
     def run_step(self, tokens_per_worker: list[int]) -> dict:
         a, e = self.layout.attention_workers, self.layout.expert_shards
         width = self.hidden_size * self.dtype.itemsize + 8 * self.top_k
-        load = torch.zeros(len(self.experts), self.num_local, dtype=torch.int64)  # [moe layer, local slot]
+        dev = self.device
+        load = torch.zeros(len(self.experts), self.num_local, dtype=torch.int64, device=dev)  # [moe layer, local slot]
         for li, layer_experts in enumerate(self.experts):
             t0 = time.perf_counter()
             if self.mode == "counts":
-                got = _a2a(torch.zeros(a + e, dtype=torch.int64), [1] * (a + e), [1] * (a + e), self.group)
+                got = _a2a(torch.zeros(a + e, dtype=torch.int64, device=dev), [1] * (a + e), [1] * (a + e),
+                           self.group)
                 recv_splits = got.tolist()
             else:
                 recv_splits = list(tokens_per_worker) + [0] * e
-            buf = _a2a(torch.empty(0, width, dtype=torch.uint8), [0] * (a + e), recv_splits, self.group)
+            buf = _a2a(torch.empty(0, width, dtype=torch.uint8, device=dev), [0] * (a + e), recv_splits, self.group)
             t1 = time.perf_counter()
             hidden, slots, weights = unpack_rows(buf, self.hidden_size, self.top_k, self.dtype)
             out = layer_experts(hidden, slots.long(), weights)

@@ -50,7 +50,8 @@ class ExpertShard:
         init_group(backend, address, port, self.layout.shard_rank(self.shard), self.layout.world_size, timeout_s)
         a = self.args
         self.server = ExpertServer(
-            self.layout, self.shard, self.layers, a.hidden_size, a.num_experts_per_tok, self.dtype, len(self.experts)
+            self.layout, self.shard, self.layers, a.hidden_size, a.num_experts_per_tok, self.dtype, len(self.experts),
+            device=self.device,
         )
 
     @torch.inference_mode()
