@@ -130,8 +130,6 @@ def _load_tools(spec: str) -> list:
 
 
 def _print_chats(chats, args: argparse.Namespace) -> None:
-    import json
-
     many = len(chats) > 1 or args.n > 1
     for i, chat in enumerate(chats):
         for j, (msg, reason) in enumerate(zip(chat.messages, chat.finish_reasons)):
