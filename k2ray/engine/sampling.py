@@ -6,9 +6,10 @@ preemptions. For ``n > 1`` completion ``i`` uses :func:`derive_seed` ``(seed, i)
 
 Order of operations on a row: repetition penalty (prompt and output tokens), frequency and presence penalties (output
 tokens), ``logit_bias`` (added to the logits, OpenAI's semantics), banned tokens (e.g. stop tokens before
-``min_tokens``) and the allowed mask, then — unless greedy — temperature, top-k, softmax, top-p (smallest prefix of the sorted distribution whose mass reaches ``top_p``), min-p
-(drop tokens below ``min_p`` times the top probability), and a draw from what is left. Reported logprobs are those of
-the model's raw distribution (``log_softmax`` of the logits before any of the above).
+``min_tokens``) and the allowed mask, then — unless greedy — temperature, top-k, softmax, top-p (smallest prefix of
+the sorted distribution whose mass reaches ``top_p``), min-p (drop tokens below ``min_p`` times the top probability),
+and a draw from what is left. Reported logprobs are those of the model's raw distribution (``log_softmax`` of the
+logits before any of the above).
 """
 
 from __future__ import annotations
