@@ -14,6 +14,7 @@ from k2ray.config import EngineConfig, ParallelConfig
 from k2ray.engine.engine import LLMEngine
 from k2ray.engine.request import RequestOutput
 from k2ray.engine.sampling import SamplingParams
+from k2ray.serve.models import BUILTIN_MODELS, resolve_model  # names -> directories; imports no Ray
 
 PromptLike = str | Sequence[int]
 
@@ -46,8 +47,6 @@ class LLM:
         parallel: ParallelConfig | dict | None = None,
         **engine_kwargs,
     ):
-        from k2ray.serve.models import BUILTIN_MODELS, resolve_model  # (no Ray: names -> directories)
-
         model_dir = resolve_model(str(model)) if str(model) in BUILTIN_MODELS else Path(model)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"model: {model_dir} is not a model directory (no config.json)")
@@ -124,7 +123,7 @@ class LLM:
         """Render each conversation (OpenAI messages) with the model's chat template, generate, and parse the
         reasoning and tool calls as the Serve API does. One conversation or a list of them."""
         from k2ray.tokenizer.chat import ChatTemplate
-        from k2ray.tokenizer.parsers import parse_output
+        from k2ray.tokenizer.parsers import openai_finish_reason, parse_output
 
         convs = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
         template = ChatTemplate.from_dir(self.model_dir, self.tokenizer)
@@ -132,7 +131,7 @@ class LLM:
         params = params or SamplingParams()
         # the parser needs the markers in the text; it hides them itself
         params = params.model_copy(update={"skip_special_tokens": False})
-        thinks = "think>" in template.source
+        thinks = template.thinks
         results = []
         for cp, out in zip(prompts, self.generate([cp.token_ids for cp in prompts], params)):
             msgs, reasons = [], []
@@ -142,7 +141,7 @@ class LLM:
                                       hidden_tokens=tuple(self.tokenizer.special_tokens))
                 msg = parsed.to_message()
                 msgs.append(msg)
-                reasons.append("tool_calls" if msg.get("tool_calls") and o.finish_reason == "stop" else o.finish_reason)
+                reasons.append(openai_finish_reason(o.finish_reason, bool(msg.get("tool_calls"))))
             results.append(ChatOutput(out, msgs, reasons))
         return results
 

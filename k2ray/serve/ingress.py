@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from k2ray import metrics
 from k2ray.config import ServeArgs
 from k2ray.serve import protocol as P
+from k2ray.tokenizer.parsers import openai_finish_reason
 
 log = logging.getLogger("k2ray.serve.ingress")
 
@@ -137,14 +138,6 @@ class _Choice:
     finish_reason: Optional[str] = None
     stop_reason: Any = None
     num_tokens: int = 0
-
-
-def _finish_reason(reason: Optional[str], tool_calls: bool) -> Optional[str]:
-    if reason == "stop" and tool_calls:
-        return "tool_calls"
-    if reason == "error":
-        return "stop"
-    return reason
 
 
 def _sse(obj: Any) -> str:
@@ -304,7 +297,7 @@ class OpenAIIngress:
                 self.template = None
             self._tmpdir = tmp
             # Reasoning is split off only for thinking models (whose template knows <think>; not K2-Instruct).
-            self._template_thinks = self.template is not None and "think>" in self.template.source
+            self._template_thinks = self.template is not None and self.template.thinks
             self.info = info
             self._special_names = tuple(tok.special_tokens)
             self._max_token_bytes = max(1, max(len(tok.id_to_bytes(i)) for i in range(tok.n_base_tokens)))
@@ -631,7 +624,7 @@ class OpenAIIngress:
         deltas = ch.parser.feed(out["text"])
         if out["finish_reason"] is not None:
             deltas += ch.parser.finish()
-            ch.finish_reason = _finish_reason(out["finish_reason"], bool(ch.parser.result.tool_calls))
+            ch.finish_reason = openai_finish_reason(out["finish_reason"], bool(ch.parser.result.tool_calls))
             ch.stop_reason = out["stop_reason"]
         lps = []
         if k is not None and out["logprobs"]:
@@ -765,10 +758,11 @@ class OpenAIIngress:
         k = req.logprobs
         want_prompt_lp = k if (req.echo and k is not None) else None
         cid = P.random_id("cmpl")
+        sampling = self._sampling(req, max_tokens[0], k, want_prompt_lp, req.skip_special_tokens)
         opened = []
         try:
             for j, ids in enumerate(prompt_ids):
-                sampling = self._sampling(req, max_tokens[j], k, want_prompt_lp, req.skip_special_tokens)
+                sampling = {**sampling, "max_tokens": max_tokens[j]}
                 rid = cid if len(prompt_ids) == 1 else f"{cid}-{j}"
                 opened.append(await self._open({"request_id": rid, "prompt_token_ids": ids, "sampling": sampling}))
         except BaseException:

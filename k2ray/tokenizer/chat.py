@@ -316,6 +316,12 @@ class ChatTemplate:
                     ctx[key] = val
         self._context = ctx
 
+    @property
+    def thinks(self) -> bool:
+        """The template renders think blocks: the model writes reasoning before ``</think>`` (K2-Thinking, not
+        K2-Instruct)."""
+        return "think>" in self.source
+
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, tokenizer: KimiTokenizer | None = None) -> "ChatTemplate":
         """Load ``chat_template.jinja`` (or ``tokenizer_config.json``'s ``chat_template``) + the tokenizer."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 __all__ = [
     "THINK_START",
@@ -480,6 +480,15 @@ class StreamingOutputParser:
 
 
 # ----------------------------------------------------------------------------------- one-shot
+
+
+def openai_finish_reason(reason: Optional[str], tool_calls: bool) -> Optional[str]:
+    """The engine's finish reason as an OpenAI chat choice reports it (``tool_calls`` when the turn ended with calls)."""
+    if reason == "stop" and tool_calls:
+        return "tool_calls"
+    if reason == "error":
+        return "stop"
+    return reason
 
 
 def parse_output(
