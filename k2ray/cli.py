@@ -107,7 +107,14 @@ def _generate_run(args: argparse.Namespace) -> int:
             print(res.prompt + out.text if not many else out.text)
             if args.show_tokens:
                 print(f"token_ids: {out.token_ids}")
+            if not many:  # on stderr, so the text alone can be piped
+                _print_finish(out.finish_reason, len(out.token_ids))
     return 0
+
+
+def _print_finish(reason: Optional[str], n_tokens: int) -> None:
+    hint = " (raise --max-tokens for more)" if reason == "length" else ""
+    print(f"[finish_reason: {reason}, {n_tokens} tokens{hint}]", file=sys.stderr)
 
 
 def _load_tools(spec: str) -> list:
@@ -144,6 +151,8 @@ def _print_chats(chats, args: argparse.Namespace) -> None:
                 print(f"[tool call {call['id']}] {fn['name']} {fn['arguments']}")
             if args.show_tokens:
                 print(f"token_ids: {chat.output.outputs[j].token_ids}")
+            if not many:
+                _print_finish(reason, len(chat.output.outputs[j].token_ids))
 
 
 register("make-tiny", "write the tiny random-weight K2-format checkpoint", _make_tiny_args, _make_tiny_run)

@@ -4,9 +4,11 @@ import sys
 import pytest
 import torch
 
+# Tests import the installed k2ray; nothing puts the checkout on sys.path (pytest runs with --import-mode=importlib),
+# so no folder of the checkout (kernels/ above all) can shadow an installed package.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# `python -m pytest` run from the checkout puts it first on sys.path anyway: take it off again.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

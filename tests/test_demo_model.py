@@ -171,10 +171,12 @@ def test_llm_chat_and_cli_chat(demo, train_demo, capsys):
             "--tools", json.dumps(train_demo.TOOLS)]
     assert main(argv) == 0
     call = want["tool_calls"][0]
-    assert capsys.readouterr().out.splitlines() == [
+    cap = capsys.readouterr()
+    assert cap.out.splitlines() == [
         f"[reasoning] {want['reasoning_content']}",
         f"[tool call {call['id']}] get_weather {call['function']['arguments']}",
     ]
+    assert cap.err == f"[finish_reason: tool_calls, {len(res.output.outputs[0].token_ids)} tokens]\n"
     assert main(argv[:-2] + ["--tools", "{not json"]) == 1
     assert "k2ray: error: --tools: not valid JSON" in capsys.readouterr().err
 

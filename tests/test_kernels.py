@@ -163,9 +163,7 @@ def _run_triton_cases(out_path: str) -> None:
 def triton_out(tmp_path_factory):
     pytest.importorskip("triton")
     path = tmp_path_factory.mktemp("kernels") / "triton_out.pt"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(path)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode:
         raise AssertionError(f"interpreter child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -20,10 +20,9 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import prometheus_util as pu  # noqa: E402
+from k2ray import metrics
 
-from k2ray import metrics  # noqa: E402
+from . import prometheus_util as pu
 
 # Ray's own metrics the dashboard may query: exported name -> kind. Each is checked against the installed Ray source.
 RAY_METRICS = {

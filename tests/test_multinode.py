@@ -11,7 +11,7 @@ from k2ray.config import ConfigError, EngineConfig, ParallelConfig
 from k2ray.executor.local import LocalExecutor
 from k2ray.executor.ray import ExecutorError, RayExecutor
 from k2ray.executor.base import StepInput
-from tests.test_ray_executor import PROMPTS, greedy_decode
+from .test_ray_executor import PROMPTS, greedy_decode
 
 pytestmark = pytest.mark.ray
 

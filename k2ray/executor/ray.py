@@ -130,7 +130,7 @@ class RayExecutor:
             "joining the process group",
         )
         self.failed = None
-        log.info("model group ready in %.1fs: %s", time.perf_counter() - t0, self.describe())
+        log.debug("model group ready in %.1fs: %s", time.perf_counter() - t0, self.describe())
 
     @property
     def workers(self) -> list:

@@ -28,14 +28,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from k2ray import metrics
+from k2ray import logs, metrics
 from k2ray.config import ServeArgs
+from k2ray.serve import access_log
 from k2ray.serve import protocol as P
 from k2ray.tokenizer.parsers import openai_finish_reason
 
 log = logging.getLogger("k2ray.serve.ingress")
 
 _BIG_TEXT = 32 * 1024  # prompts larger than this are rendered/tokenized off the event loop
+HEALTH_TIMEOUT_S = 0.5  # /health never waits longer for the router (probes often time out after 1 s)
 OPEN_ATTEMPTS = 4  # tries to start a request while model groups are not ready (see OpenAIIngress._open)
 _TOOL_SECTION_BEGIN = "<|tool_calls_section_begin|>"
 _TOOL_CALL_BEGIN = "<|tool_call_begin|>"
@@ -140,6 +142,24 @@ class _Choice:
     num_tokens: int = 0
 
 
+def _serve_url() -> str:
+    """Where Serve's HTTP proxy listens (from the Serve controller), e.g. ``http://localhost:8000``."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        cfg = _get_global_client().http_config
+        host = "localhost" if cfg.host in ("0.0.0.0", "::", "127.0.0.1") else cfg.host
+        return f"http://{host}:{cfg.port}{(cfg.root_path or '').rstrip('/')}"
+    except Exception:  # an older or newer Serve: the line still says what is ready
+        return "the Serve HTTP proxy"
+
+
+def _health_503(status: str, message: str, group: Optional[str] = None) -> JSONResponse:
+    """A not-ready /health answer: the state first (``{"status": "starting", ...}``), the OpenAI error shape beside it."""
+    err = APIError(503, message, "service_unavailable", None, "model_unavailable").body()
+    return JSONResponse({"status": status, "group": group, **err}, status_code=503)
+
+
 def _sse(obj: Any) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
@@ -172,6 +192,7 @@ class OpenAIIngress:
 
     def __init__(self, router, args: dict | ServeArgs):
         self.router = router
+        logs.configure()
         self.args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
         self.model_name = self.args.model_name
         self._keys = [k.encode() for k in self.args.api_keys]
@@ -194,8 +215,14 @@ class OpenAIIngress:
 
     def build_asgi_app(self) -> FastAPI:
         """A FastAPI app whose routes call this instance (usable without Serve too, e.g. with a TestClient)."""
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            announce = asyncio.get_running_loop().create_task(self._announce_when_ready())
+            yield
+            announce.cancel()
+
         api = FastAPI(title="k2ray", description="OpenAI-compatible API for Kimi K2 on Ray", docs_url=None,
-                      redoc_url=None, openapi_url=None)
+                      redoc_url=None, openapi_url=None, lifespan=lifespan)
 
         @api.exception_handler(APIError)
         async def _api_error(request: Request, exc: APIError):
@@ -223,7 +250,21 @@ class OpenAIIngress:
         ]
         for path, fn, methods in routes:
             api.add_api_route(path, fn, methods=methods)
+        api.add_middleware(access_log.AccessLogMiddleware)
         return api
+
+    async def _announce_when_ready(self) -> None:
+        """Log once, when a model group first answers ready, the URL the API is served on."""
+        while True:
+            try:
+                st = await asyncio.wait_for(self.router.status.remote(), timeout=5)
+                if st.get("state") == "ready":
+                    break
+            except Exception:
+                pass
+            await asyncio.sleep(1.0)
+        url = await asyncio.to_thread(_serve_url)
+        log.info("serving %s: OpenAI API at %s/v1 (model group %s ready)", self.model_name, url, st.get("group"))
 
     # -- helpers ------------------------------------------------------------------------------------------------------
     def _count_error(self, status: int) -> None:
@@ -421,6 +462,7 @@ class OpenAIIngress:
                 if first["error"].get("code") == "model_unavailable" and not last:
                     continue
                 raise APIError.from_item(first["error"])
+            access_log.note_prompt(first.get("num_prompt_tokens", len(req["prompt_token_ids"])))
             return gen, first
 
     @staticmethod
@@ -429,9 +471,12 @@ class OpenAIIngress:
         async for item in gen:
             yield item
 
-    def _observe(self, t0: float, state: dict, item: dict) -> None:
+    def _observe(self, t0: float, state: dict, item: dict, timing: bool = True) -> None:
+        """TTFT/ITL metrics (``timing``: for the first prompt of a batch only) and the access line's counts."""
         now = time.monotonic()
-        if any(o["token_ids"] for o in item.get("outputs", ())):
+        n_new = sum(len(o["token_ids"]) for o in item.get("outputs", ()))
+        access_log.note_tokens(n_new)
+        if n_new and timing:
             last = state.get("last")
             if last is None:
                 self._ttft.observe(now - t0)
@@ -441,14 +486,19 @@ class OpenAIIngress:
 
     # -- endpoints: health, models, layout -----------------------------------------------------------------------------
     async def health(self) -> Response:
+        """200 once a model group serves; otherwise 503 with ``status`` starting / recovering / dead / unreachable.
+        Answers within ``HEALTH_TIMEOUT_S``: a router replica still being created cannot answer, which means
+        starting (a replica that has died is reported by Ray at once, as unreachable)."""
         try:
-            st = await asyncio.wait_for(self.router.status.remote(), timeout=10)
+            st = await asyncio.wait_for(self.router.status.remote(), timeout=HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return _health_503("starting", "no model group answers yet: the router replica is starting")
         except Exception as e:
-            return APIError(503, f"model group unreachable: {type(e).__name__}", "service_unavailable", None,
-                            "model_unavailable").response()
+            return _health_503("unreachable", f"model group unreachable: {type(e).__name__}")
         if st.get("state") != "ready":
-            return APIError(503, f"model group {st.get('group')} is {st.get('state')}: {st.get('error')}",
-                            "service_unavailable", None, "model_unavailable").response()
+            detail = f"model group {st.get('group')} is {st.get('state')}"
+            return _health_503(st.get("state") or "unavailable", detail + (f": {st['error']}" if st.get("error") else ""),
+                               group=st.get("group"))
         return JSONResponse({"status": "ok", "group": st.get("group")})
 
     @_guard
@@ -860,8 +910,7 @@ class OpenAIIngress:
             async for j, item in self._merged(opened):
                 if "error" in item:
                     raise APIError.from_item(item["error"])
-                if j == 0:
-                    self._observe(ctx["t0"], state, item)
+                self._observe(ctx["t0"], state, item, timing=j == 0)
                 if "prompt_logprobs" in item:
                     prompt_lp[j] = item["prompt_logprobs"]
                 for out in item["outputs"]:
@@ -923,8 +972,7 @@ class OpenAIIngress:
                     self._count_error(err.status)
                     yield _sse(err.body())
                     break
-                if j == 0:
-                    self._observe(ctx["t0"], state, item)
+                self._observe(ctx["t0"], state, item, timing=j == 0)
                 if ctx["echo"]:
                     for i in range(n):
                         idx = j * n + i

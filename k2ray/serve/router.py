@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-from k2ray import metrics
+from k2ray import logs, metrics
 from k2ray.config import ServeArgs
 
 log = logging.getLogger("k2ray.serve.router")
@@ -137,26 +137,21 @@ class K2Router:
     """The router of one model group (a Serve deployment class; see :func:`k2ray.serve.app.build_app`)."""
 
     def __init__(self, args: dict | ServeArgs):
-        from k2ray.engine.engine import load_eos_token_ids, load_tokenizer
         from k2ray.serve.models import resolve_model
 
+        logs.configure()
         self.args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
         self.model_name = self.args.model_name
         self.model_dir = Path(resolve_model(self.args.model))
         self.group = _replica_id()
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.eos_token_ids = load_eos_token_ids(self.model_dir)
+        self.tokenizer = None
+        self.eos_token_ids = None
         self._state = "starting"
         self._error: Optional[str] = None
         self._inflight = 0  # sequences of requests in the engine (running or waiting)
         self._lock = threading.Lock()
         self.executor = None
         self.engine = None
-        t0 = time.perf_counter()
-        self.executor = _InstrumentedExecutor(self._make_executor(), self.model_name)
-        self.engine = self._make_engine()
-        self._state = "ready"
-        log.info("model group %s ready in %.1fs: %s", self.group, time.perf_counter() - t0, self.layout())
         self._bound = {
             "prompt": metrics.PROMPT_TOKENS_TOTAL.labels(model=self.model_name),
             "gen": metrics.GENERATION_TOKENS_TOTAL.labels(model=self.model_name),
@@ -165,6 +160,30 @@ class K2Router:
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_gauges, name="k2ray-router-gauges", daemon=True)
         self._poller.start()
+        # The group (workers, weights) starts in the background: the replica answers status() at once, so /health
+        # says "starting" instead of hanging until the weights are loaded.
+        threading.Thread(target=self._start_group, name="k2ray-router-start", daemon=True).start()
+
+    def _start_group(self) -> None:
+        t0 = time.perf_counter()
+        p = self.args.parallel
+        log.info("model group %s starting: %s, %d attention worker(s) + %d expert shard(s), %s executor on %s",
+                 self.group, self.model_name, p.attention_workers, p.expert_shards, p.executor, p.device)
+        try:
+            from k2ray.engine.engine import load_eos_token_ids, load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.model_dir)
+            self.eos_token_ids = load_eos_token_ids(self.model_dir)
+            self.executor = _InstrumentedExecutor(self._make_executor(), self.model_name)
+            self.engine = self._make_engine()
+        except Exception as e:
+            with self._lock:
+                self._state, self._error = "dead", f"failed to start: {type(e).__name__}: {e}"
+            log.error("model group %s %s (Serve will replace this replica)", self.group, self._error)
+            return
+        with self._lock:
+            self._state = "ready"
+        log.info("model group %s ready in %.1fs: %s", self.group, time.perf_counter() - t0, _layout_line(self.layout()))
 
     # -- construction ---------------------------------------------------------------------------------------------
     def _make_executor(self):
@@ -331,6 +350,8 @@ class K2Router:
 
     def info(self) -> dict:
         eng = self.engine
+        if eng is None:
+            raise RuntimeError(f"model group {self.group} is {self._state}")
         return {
             "model": self.model_name,
             "group": self.group,
@@ -391,6 +412,17 @@ class K2Router:
                 self.engine.shutdown()
         except Exception:
             pass
+
+
+def _layout_line(layout: dict) -> str:
+    """One log line of where the group's actors run (pid@node of each attention worker and expert shard)."""
+    def where(actors) -> str:
+        return ", ".join(f"pid {a.get('pid')}@{a.get('node_ip', a.get('node', '?'))}" for a in actors or [])
+
+    if "attention_workers" not in layout:
+        return f"local executor on {layout.get('device')}"
+    return (f"{len(layout['attention_workers'])} attention worker(s) [{where(layout['attention_workers'])}] + "
+            f"{len(layout.get('expert_shards', []))} expert shard(s) [{where(layout.get('expert_shards'))}]")
 
 
 def _guided_field() -> Optional[str]:

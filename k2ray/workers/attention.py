@@ -6,10 +6,13 @@ expert shards over the group's process group.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import torch
 
+from k2ray import logs
 from k2ray.checkpoint.loader import load_model
 from k2ray.config import EngineConfig, ModelArgs
 from k2ray.executor.base import SeqResult, SeqWork
@@ -17,6 +20,8 @@ from k2ray.executor.runner import ModelRunner
 from k2ray.parallel.dispatch import DispatchClient
 from k2ray.parallel.groups import GroupLayout, free_port, init_group, node_id, node_ip
 from k2ray.parallel.placement import ExpertPlacement
+
+log = logging.getLogger(__name__)
 
 
 class AttentionWorker:
@@ -34,15 +39,20 @@ class AttentionWorker:
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
         self.layout, self.index, self.placement, self.device = layout, index, placement, device
+        t0 = time.perf_counter()
         self.args = ModelArgs.from_dir(model_dir)
         model = load_model(model_dir, dtype=engine.torch_dtype, with_experts=False).to(device)
+        self.load_s = time.perf_counter() - t0
+        logs.configure()
+        log.info("attention worker %d (pid %d): weights loaded in %.1fs on %s", index, os.getpid(), self.load_s, device)
         self.num_kv_blocks = engine.kv_blocks_for(self.args)
         self.runner = ModelRunner(model, self.num_kv_blocks, engine.block_size, engine.torch_dtype, device)
         self.client: DispatchClient | None = None
         self.overlap = overlap_shared_expert
 
     def ready(self) -> dict:
-        return {"num_kv_blocks": self.num_kv_blocks, "node_ip": node_ip(), "node_id": node_id(), "pid": os.getpid()}
+        return {"num_kv_blocks": self.num_kv_blocks, "node_ip": node_ip(), "node_id": node_id(), "pid": os.getpid(),
+                "load_s": self.load_s}
 
     def rendezvous(self) -> tuple[str, int]:
         """An address on this node for the group's process-group rendezvous (this worker is rank 0)."""

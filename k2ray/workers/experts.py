@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import torch
 
+from k2ray import logs
 from k2ray.checkpoint.loader import WeightLoader, fill_experts
 from k2ray.config import EngineConfig, ModelArgs
 from k2ray.model.moe import RoutedExperts
 from k2ray.parallel.dispatch import ExpertServer
 from k2ray.parallel.groups import GroupLayout, init_group, node_id, node_ip
+
+log = logging.getLogger(__name__)
 
 
 class ExpertShard:
@@ -28,6 +33,7 @@ class ExpertShard:
             torch.set_num_threads(max(1, threads))
         self.layout, self.shard, self.experts, self.device = layout, shard, list(experts), device
         self.dtype = engine.torch_dtype
+        t0 = time.perf_counter()
         self.args = ModelArgs.from_dir(model_dir)
         int4 = engine.experts_int4(self.args, device)
         loader = WeightLoader(model_dir, self.args, self.dtype)
@@ -37,11 +43,15 @@ class ExpertShard:
             fill_experts(mod, loader, layer, self.experts)
             self.layers.append(mod.to(device))
         self.tensors_read = list(loader.index.tensors_read)
+        self.load_s = time.perf_counter() - t0
+        logs.configure()
+        log.info("expert shard %d (pid %d): %d experts x %d MoE layers loaded in %.1fs on %s", shard, os.getpid(),
+                 len(self.experts), len(self.layers), self.load_s, device)
         self.server: ExpertServer | None = None
 
     def ready(self) -> dict:
         return {"node_ip": node_ip(), "node_id": node_id(), "pid": os.getpid(), "experts": self.experts,
-                "tensors_read": len(self.tensors_read)}
+                "tensors_read": len(self.tensors_read), "load_s": self.load_s}
 
     def read_tensor_names(self) -> list[str]:
         return self.tensors_read

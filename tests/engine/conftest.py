@@ -11,7 +11,7 @@ from k2ray.config import EngineConfig
 def _one_torch_thread():
     """The tiny model's ops are too small to share between threads, and on a loaded 2-core machine a second OpenMP
     thread turns every op into a wait for a descheduled peer (seen: 100x slower steps). Restored afterwards."""
-    from engine_helpers import one_torch_thread
+    from .engine_helpers import one_torch_thread
 
     with one_torch_thread():
         yield
@@ -36,7 +36,7 @@ def make_engine(local_executor, model_dir):
     """``make_engine(num_kv_blocks=None, **EngineConfig fields)`` -> LLMEngine over the shared tiny model."""
     from k2ray.engine.engine import LLMEngine, load_eos_token_ids, load_tokenizer
 
-    from engine_helpers import ExecutorView
+    from .engine_helpers import ExecutorView
 
     tok = load_tokenizer(model_dir)
     eos = load_eos_token_ids(model_dir)

@@ -14,7 +14,7 @@ from k2ray.engine.engine import LLMEngine
 from k2ray.engine.request import PromptTooLongError
 from k2ray.engine.sampling import SamplingParams
 
-from engine_helpers import run_to_completion
+from .engine_helpers import run_to_completion
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -42,7 +42,7 @@ ABORTED = {"r5", "r17", "r26"}
 
 @pytest.fixture(scope="module")
 def alone_tokens(local_executor, model_dir):
-    from engine_helpers import ExecutorView, one_torch_thread
+    from .engine_helpers import ExecutorView, one_torch_thread
 
     engine = LLMEngine(ExecutorView(local_executor), EngineConfig(block_size=4, num_kv_blocks=1024))
     with one_torch_thread():
@@ -64,7 +64,7 @@ def executor_for(local_executor, model_dir):
 
     def build(kind: str):
         if kind == "local":
-            from engine_helpers import ExecutorView
+            from .engine_helpers import ExecutorView
 
             return ExecutorView(local_executor)
         import ray

@@ -11,7 +11,7 @@ import pytest
 from k2ray.engine.sampling import SamplingParams
 from k2ray.engine.structured import GrammarError, GuidedDecoding
 
-from engine_helpers import run_to_completion
+from .engine_helpers import run_to_completion
 
 pytest.importorskip("xgrammar")
 

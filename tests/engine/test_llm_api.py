@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from k2ray.cli import main
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    from engine_helpers import one_torch_thread
+    from .engine_helpers import one_torch_thread
 
     with one_torch_thread():
         m = LLM(model=str(model_dir), dtype="float32", num_kv_blocks=256, block_size=8)
@@ -57,7 +58,7 @@ def test_generate_validates_everything_first(llm):
 
 
 def test_bfloat16(model_dir):
-    from engine_helpers import one_torch_thread
+    from .engine_helpers import one_torch_thread
 
     with one_torch_thread(), LLM(model=model_dir, dtype="bfloat16", num_kv_blocks=64) as m:
         (r,) = m.generate("hello", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
@@ -71,12 +72,16 @@ def test_import_is_light():
 
 
 def test_cli_generate_and_errors(model_dir, capsys):
-    from engine_helpers import one_torch_thread
+    from .engine_helpers import one_torch_thread
 
     with one_torch_thread():
         assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--max-tokens", "5"]) == 0
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
     assert out.startswith("hello") and len(out.strip()) > len("hello")
+    # the finish reason goes to stderr (visible truncation; stdout stays the text alone)
+    assert re.fullmatch(r"\[finish_reason: (length, 5 tokens \(raise --max-tokens for more\)|stop, [1-5] tokens)\]\n",
+                        cap.err), cap.err
     assert main(["generate", "--model", str(model_dir) + "-missing", "--prompt", "x"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("k2ray: error:") and "Traceback" not in err

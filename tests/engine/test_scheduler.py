@@ -11,7 +11,7 @@ from k2ray.engine.engine import LLMEngine
 from k2ray.engine.request import FinishReason, PromptTooLongError
 from k2ray.engine.sampling import SamplingParams
 
-from engine_helpers import FakeExecutor, fake_reference
+from .engine_helpers import FakeExecutor, fake_reference
 
 
 def _engine(**kw) -> tuple[LLMEngine, FakeExecutor]:

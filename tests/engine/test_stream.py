@@ -9,7 +9,7 @@ import pytest
 from k2ray.engine.request import EngineDeadError
 from k2ray.engine.sampling import SamplingParams
 
-from engine_helpers import run_to_completion
+from .engine_helpers import run_to_completion
 
 
 def _collect(engine, prompt, params, rid=None):

@@ -48,7 +48,7 @@ def serve_app(args: dict, cache_dir, num_cpus: int = 8, **ray_init_kwargs):
 
         serve.run(build_app(args), name="k2ray", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(base + "/health", timeout=10).status_code == 200, 60, 0.5, "/health")
+        wait_until(lambda: httpx.get(base + "/health", timeout=10).status_code == 200, 180, 0.5, "/health")
         yield base
     finally:
         with contextlib.suppress(Exception):

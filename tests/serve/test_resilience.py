@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 
-from serve_helpers import descendant_pids, serve_app, wait_until
-from test_serve_api import _my_expert_shards
+from .serve_helpers import descendant_pids, serve_app, wait_until
+from .test_serve_api import _my_expert_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

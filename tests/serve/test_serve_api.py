@@ -15,7 +15,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_helpers import (assert_openai_error, descendant_pids, free_port, metric_sum, scrape, serve_app,
+from .serve_helpers import (assert_openai_error, descendant_pids, free_port, metric_sum, scrape, serve_app,
                            wait_until)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -507,10 +507,7 @@ def test_metrics_recorded(client, http):
 def test_dashboard_queries_on_the_app(client, http):
     """A real Prometheus scrapes the app's Ray metrics port; every PromQL expression of dashboards/*.json returns
     data for this app's traffic (earlier tests sent chat, completions, errors and constrained tool calls)."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import prometheus_util as pu
+    from .. import prometheus_util as pu
 
     for _ in range(3):  # fresh samples inside Prometheus' rate windows
         client.completions.create(model=MODEL, prompt="dashboard traffic", max_tokens=8, temperature=0,

@@ -9,7 +9,7 @@ import json
 
 import openai
 import pytest
-from serve_helpers import serve_app
+from .serve_helpers import serve_app
 
 from k2ray.serve.models import builtin_available
 

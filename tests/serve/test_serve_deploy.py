@@ -21,7 +21,7 @@ import openai
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
-from serve_helpers import free_port, wait_until
+from .serve_helpers import free_port, wait_until
 
 from k2ray.config import ConfigError, ServeArgs
 from k2ray.serve import models
@@ -187,7 +187,7 @@ def test_quickstart_curl_and_openai(quickstart):
     base, cache, args = quickstart
     name = args.model_name
     assert args.model == "k2ray-demo"  # the README's examples are the demo model's answers
-    (curl,) = _readme_blocks("bash")
+    (curl,) = [b for b in _readme_blocks("bash") if b.startswith("curl ")]
     curl = curl.replace("http://localhost:8000", base)
     assert curl.startswith("curl ") and f'"model": "{name}"' in curl
     if shutil.which("curl"):
