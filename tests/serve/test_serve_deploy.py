@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,11 +22,12 @@ import openai
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
-from .serve_helpers import free_port, wait_until
 
 from k2ray.config import ConfigError, ServeArgs
 from k2ray.serve import models
 from k2ray.serve.app import build_app, router_bundles, router_options
+
+from .serve_helpers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_FILES = ["deploy/config.yaml", "deploy/kimi-k2-thinking.yaml"]
@@ -151,16 +153,28 @@ def quickstart(tmp_path_factory):
     proc = subprocess.Popen(cmd + ["run", str(path)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    STARTUP_POLLS.clear()
+    STARTUP_POLLS.append(tmp / "serve.log")
     try:
-        def healthy():
+        def healthy():  # polled every 200 ms with a 1 s timeout, as a strict load balancer would
             if proc.poll() is not None:
                 raise AssertionError(f"serve run exited: {(tmp / 'serve.log').read_text()[-3000:]}")
             try:
-                return httpx.get(base + "/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
+                r = httpx.get(base + "/health", timeout=1.0)
+            except httpx.ConnectError:
+                STARTUP_POLLS.append(("refused",))
                 return False
+            except httpx.TimeoutException:
+                STARTUP_POLLS.append(("timeout",))
+                return False
+            try:
+                body = r.json()
+            except ValueError:
+                body = None
+            STARTUP_POLLS.append((r.status_code, body))
+            return r.status_code == 200
 
-        wait_until(healthy, 240, 1.0, "serve run deploy/config.yaml to become healthy")
+        wait_until(healthy, 240, 0.2, "serve run deploy/config.yaml to become healthy")
         yield base, cache, _app_args(cfg)
     finally:
         if proc.poll() is None:
@@ -171,6 +185,52 @@ def quickstart(tmp_path_factory):
                 proc.kill()
                 proc.wait(10)
         log.close()
+
+
+STARTUP_POLLS: list = []  # the quickstart's serve.log, then every /health answer from the moment serve run starts
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_startup_health_answers_and_log_lines(quickstart):
+    """From serve run's start: /health is refused until the proxy listens; once k2ray's ingress answers, every answer
+    is JSON within the 1 s timeout, 503 {"status": "starting"} until a model group is ready, then 200. (Between the
+    proxy opening its port and the first ingress replica running, Serve's proxy itself answers: a plain-text 404
+    before the application is registered, and it holds requests while that replica starts.) The log has k2ray's
+    milestone lines and one access line per request."""
+    base, _, args = quickstart
+    log_path, polls = STARTUP_POLLS[0], STARTUP_POLLS[1:]
+    assert polls and polls[-1][0] == 200 and polls[-1][1]["status"] == "ok", polls[-5:]
+    first_json = next(i for i, p in enumerate(polls) if len(p) == 2 and isinstance(p[1], dict))
+    after = polls[first_json:]
+    # k2ray answers: never a timeout, never a non-JSON body; 503 "starting" then 200
+    assert all(len(p) == 2 and isinstance(p[1], dict) for p in after), [p for p in after if len(p) != 2][:5]
+    assert {p[0] for p in after} <= {200, 503}, after
+    starting = [p for p in after if p[0] == 503]
+    assert starting and all(p[1]["status"] == "starting" and p[1]["error"]["code"] == "model_unavailable"
+                            for p in starting), starting[:3]
+    assert after.index(next(p for p in after if p[0] == 200)) == len(starting)  # 200 only after the 503s
+    serve_window = polls[:first_json]
+    assert {p[0] for p in serve_window} <= {"refused", 404, "timeout"}, serve_window
+    print(f"startup polls: {len(serve_window)} before k2ray answered "
+          f"({sum(p[0] == 'timeout' for p in serve_window)} held by Serve), {len(starting)} x 503 starting, then 200")
+
+    httpx.post(base + "/v1/completions", json={"model": args.model_name, "prompt": "log me", "max_tokens": 3,
+                                               "temperature": 0, "ignore_eos": True}, timeout=60).raise_for_status()
+
+    def logged():
+        text = log_path.read_text()
+        return (re.search(r"k2ray INFO POST /v1/completions 200 prompt_tokens=\d+ completion_tokens=3 "
+                          r"ttft=\d+\.\d{3}s total=\d+\.\d{3}s", text) and text)
+
+    text = wait_until(logged, 30, 0.5, "the access line in serve run's output")
+    port = base.rsplit(":", 1)[1]
+    for line in (r"attention worker 0 \(pid \d+\): weights loaded in \d+\.\ds",
+                 r"expert shard 0 \(pid \d+\): \d+ experts x \d+ MoE layers loaded in \d+\.\ds",
+                 r"model group \S+ ready in \d+\.\ds: 1 attention worker\(s\) \[pid \d+@",
+                 rf"serving {args.model_name}: OpenAI API at http://localhost:{port}/v1"):
+        assert re.search(line, text), line
+    assert "GET /health" not in text  # probes are not access-logged
 
 
 def _readme_blocks(lang: str) -> list[str]:

@@ -89,6 +89,9 @@ overridden with --set, rendered as Serve's list with OpenAIIngress and K2Router 
 {{- if $s.runtimeEnv -}}
 {{- $_ := set $app "runtime_env" $s.runtimeEnv -}}
 {{- end -}}
+{{- if $s.applicationLoggingConfig -}}
+{{- $_ := set $app "logging_config" $s.applicationLoggingConfig -}}
+{{- end -}}
 {{- $cfg := dict "proxy_location" $s.proxyLocation "http_options" (dict "host" "0.0.0.0" "port" $s.port) "applications" (list $app) -}}
 {{- if $s.loggingConfig -}}
 {{- $_ := set $cfg "logging_config" $s.loggingConfig -}}
