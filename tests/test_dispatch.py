@@ -1,6 +1,7 @@
 """Dispatch/combine over a real multi-process gloo group (no Ray) == computing every expert locally."""
 
 import os
+import runpy
 import socket
 
 import pytest
@@ -13,6 +14,7 @@ from k2ray.parallel.groups import GroupLayout, destroy_group, init_group
 from k2ray.parallel.placement import ExpertPlacement
 
 H, I, N_EXPERTS, LAYERS = 32, 16, 8, 2
+RANK_MAIN = "k2ray_dispatch_rank"
 
 
 def _weights(layer):
@@ -96,7 +98,10 @@ def test_dispatch_combine_matches_local(name):
     results = manager.dict()
     port = _free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_run, args=(r, cfg, port, results)) for r in range(a + e)]
+    # Each rank runs this file by path (the test package is not importable by name: the checkout is not on sys.path).
+    procs = [ctx.Process(target=runpy.run_path, args=(__file__,),
+                         kwargs={"init_globals": {"RANK_ARGS": (r, cfg, port, results)}, "run_name": RANK_MAIN})
+             for r in range(a + e)]
     for p in procs:
         p.start()
     for p in procs:
@@ -121,3 +126,7 @@ def test_dispatch_combine_matches_local(name):
     assert total_load == expected_load
     if empty_expert is not None:
         assert total_load[empty_expert] == 0
+
+
+if __name__ == RANK_MAIN:  # a rank process (see test_dispatch_combine_matches_local)
+    _run(*RANK_ARGS)  # noqa: F821 - given by runpy's init_globals

@@ -160,9 +160,9 @@ class K2Router:
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_gauges, name="k2ray-router-gauges", daemon=True)
         self._poller.start()
-        # The group (workers, weights) starts in the background: the replica answers status() at once, so /health
-        # says "starting" instead of hanging until the weights are loaded.
-        threading.Thread(target=self._start_group, name="k2ray-router-start", daemon=True).start()
+        # The replica is not running (Serve sends it nothing) until its group is ready; meanwhile the ingress's
+        # /health answers "starting" after a short wait instead of hanging.
+        self._start_group()
 
     def _start_group(self) -> None:
         t0 = time.perf_counter()
@@ -177,10 +177,9 @@ class K2Router:
             self.executor = _InstrumentedExecutor(self._make_executor(), self.model_name)
             self.engine = self._make_engine()
         except Exception as e:
-            with self._lock:
-                self._state, self._error = "dead", f"failed to start: {type(e).__name__}: {e}"
-            log.error("model group %s %s (Serve will replace this replica)", self.group, self._error)
-            return
+            self._stop.set()
+            log.error("model group %s failed to start: %s: %s", self.group, type(e).__name__, e)
+            raise
         with self._lock:
             self._state = "ready"
         log.info("model group %s ready in %.1fs: %s", self.group, time.perf_counter() - t0, _layout_line(self.layout()))
