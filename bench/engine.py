@@ -31,7 +31,7 @@ import torch
 
 from k2ray.config import EngineConfig, ModelArgs
 from k2ray.engine.engine import LLMEngine
-from k2ray.engine.sampling import SamplingParams
+from k2ray.runtime.sampling import SamplingParams
 from k2ray.executor.local import LocalExecutor
 
 

@@ -17,8 +17,8 @@ import ray
 import torch
 
 from k2ray.config import EngineConfig, ParallelConfig
-from k2ray.engine.sampling import SampleRequest, SamplingParams
-from k2ray.executor.base import SeqWork, StepInput
+from k2ray.runtime.sampling import SampleRequest, SamplingParams
+from k2ray.runtime.step import SeqWork, StepInput
 from k2ray.executor.local import LocalExecutor
 from k2ray.executor.ray import RayExecutor
 

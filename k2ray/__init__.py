@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
         return LLM
     if name == "SamplingParams":
-        from k2ray.engine.sampling import SamplingParams
+        from k2ray.runtime.sampling import SamplingParams
 
         return SamplingParams
     if name in ("RequestOutput", "CompletionOutput"):

@@ -78,7 +78,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generate_run(args: argparse.Namespace) -> int:
-    from k2ray.engine.sampling import SamplingParams
+    from k2ray.runtime.sampling import SamplingParams
     from k2ray.llm import LLM
 
     params = SamplingParams(

@@ -13,8 +13,8 @@ from typing import Any, Iterable, Optional, Sequence
 from k2ray.config import EngineConfig, ParallelConfig
 from k2ray.engine.engine import LLMEngine
 from k2ray.engine.request import RequestOutput
-from k2ray.engine.sampling import SamplingParams
-from k2ray.serve.models import BUILTIN_MODELS, resolve_model  # names -> directories; imports no Ray
+from k2ray.runtime.sampling import SamplingParams
+from k2ray.checkpoint.builtin import BUILTIN_MODELS, resolve_model  # names -> directories; imports no Ray
 
 PromptLike = str | Sequence[int]
 

@@ -21,5 +21,7 @@ if ! command -v prometheus >/dev/null 2>&1; then
 fi
 echo "k2ray test: running the test suite ($("$venv/bin/python" -c 'import torch, transformers, ray
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, ray {ray.__version__}")'))"
+echo "k2ray test: checking the import layers (lint-imports, pyproject.toml [tool.importlinter])"
+"$venv/bin/lint-imports" --no-cache
 # The venv's pytest entry point, not `python -m pytest`: that would put the checkout first on sys.path.
 "$venv/bin/pytest" -q -p no:cacheprovider tests "$@"

@@ -26,7 +26,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from k2ray.config import ModelArgs, ParallelConfig, ServeArgs
+from k2ray.config import ModelArgs, ParallelConfig
+from k2ray.serve.config import ServeArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "k2ray"

@@ -10,7 +10,7 @@ from ray.cluster_utils import Cluster
 from k2ray.config import ConfigError, EngineConfig, ParallelConfig
 from k2ray.executor.local import LocalExecutor
 from k2ray.executor.ray import ExecutorError, RayExecutor
-from k2ray.executor.base import StepInput
+from k2ray.runtime.step import StepInput
 from .test_ray_executor import PROMPTS, greedy_decode
 
 pytestmark = pytest.mark.ray

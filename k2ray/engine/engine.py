@@ -30,12 +30,12 @@ from k2ray.config import EngineConfig, ParallelConfig
 from k2ray.engine.request import (
     EngineDeadError, FinishReason, PromptTooLongError, Request, RequestOutput, Sequence, SeqStatus,
 )
-from k2ray.engine.sampling import SampleRequest, SamplingParams, derive_seed
+from k2ray.runtime.sampling import SampleRequest, SamplingParams, derive_seed
 from k2ray.engine.scheduler import Scheduler
-from k2ray.executor.base import SeqWork, StepInput
+from k2ray.runtime.step import SeqWork, StepInput
 
 if TYPE_CHECKING:  # pragma: no cover
-    from k2ray.executor.base import Executor
+    from k2ray.runtime.step import Executor
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from k2ray.engine.sampling import SamplingParams
+from k2ray.runtime.sampling import SamplingParams
 
 
 class PromptTooLongError(ValueError):

@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+
+from k2ray.runtime.guided import GuidedDecoding
 
 TOOL_MARKERS = (
     "<|tool_calls_section_begin|>",
@@ -44,43 +45,6 @@ class GrammarError(ValueError):
 
 def _sentinel(marker: str) -> str:
     return "\x01" + marker + "\x02"
-
-
-class GuidedDecoding(BaseModel):
-    """What the output must match. Exactly one of the constraint fields is set.
-
-    ``tools`` + ``tool_choice`` constrain the tool-call section (``auto``: free text, but once the model opens a
-    tool section the calls are constrained; ``required``: at least one call; ``{"name": ...}``: that function).
-    ``thinking`` lets a free ``[<think>]…</think>`` reasoning block come first.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    json_schema: Optional[Union[dict, str]] = None
-    json_object: bool = False
-    regex: Optional[str] = None
-    choice: Optional[list[str]] = None
-    grammar: Optional[str] = None  # EBNF (GBNF-style) as xgrammar reads it
-    tools: Optional[list[dict]] = None
-    tool_choice: Union[Literal["auto", "required"], dict] = "auto"
-    parallel_tool_calls: bool = True
-    call_index: Optional[int] = None  # index of the first call (``functions.NAME:IDX``): calls so far in the chat
-    thinking: bool = False
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "GuidedDecoding":
-        kinds = [
-            k for k in ("json_schema", "regex", "choice", "grammar", "tools")
-            if getattr(self, k) is not None
-        ] + (["json_object"] if self.json_object else [])
-        if len(kinds) != 1:
-            raise ValueError(f"guided decoding needs exactly one constraint, got {kinds or 'none'}")
-        if self.choice is not None and not self.choice:
-            raise ValueError("choice: must list at least one string")
-        return self
-
-    def key(self) -> str:
-        return self.model_dump_json()
 
 
 def _harden_schema(node: Any) -> Any:

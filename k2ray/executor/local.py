@@ -6,8 +6,8 @@ from pathlib import Path
 
 from k2ray.checkpoint.loader import load_model
 from k2ray.config import EngineConfig, ModelArgs
-from k2ray.executor.base import StepInput, StepOutput
-from k2ray.executor.runner import ModelRunner
+from k2ray.runtime.step import StepInput, StepOutput
+from k2ray.runtime.runner import ModelRunner
 
 
 class LocalExecutor:

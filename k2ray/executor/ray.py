@@ -17,7 +17,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from k2ray.config import EngineConfig, ModelArgs, ParallelConfig
-from k2ray.executor.base import StepInput, StepOutput
+from k2ray.runtime.step import StepInput, StepOutput
 from k2ray.parallel.groups import GroupLayout
 from k2ray.parallel.placement import ExpertPlacement, check_cluster_fits
 from k2ray.workers.attention import AttentionWorker

@@ -31,25 +31,6 @@ def free_port(host: str = "") -> int:
         return s.getsockname()[1]
 
 
-def node_ip() -> str:
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:
-        return "127.0.0.1"
-
-
-def node_id() -> str | None:
-    """The Ray node this process runs on (None outside Ray)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
-        return None
-
-
 def init_group(backend: str, address: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
     """Join the model group's process group (a fresh rendezvous per group, so groups can share a node)."""
     if dist.is_initialized():

@@ -8,7 +8,7 @@ Two deployments:
   shard (GPUs/CPUs per bundle from ``parallel``); the replica starts the workers inside it. Autoscaling this
   deployment adds or removes whole model groups.
 
-``args`` is validated as :class:`k2ray.config.ServeArgs`. Deployment options set here are defaults: the deploy file's
+``args`` is validated as :class:`k2ray.serve.config.ServeArgs`. Deployment options set here are defaults: the deploy file's
 ``deployments:`` section overrides them (autoscaling, ``max_ongoing_requests``, ...). Keep a ``K2Router``
 ``ray_actor_options.num_cpus`` override at or below ``args.router_cpus``, which sizes bundle 0.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 from ray import serve
 
-from k2ray.config import ServeArgs
+from k2ray.serve.config import ServeArgs
 from k2ray.serve.ingress import OpenAIIngress
 from k2ray.serve.router import K2Router
 

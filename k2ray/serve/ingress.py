@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2ray import logs, metrics
-from k2ray.config import ServeArgs
+from k2ray.serve.config import ServeArgs
 from k2ray.serve import access_log
 from k2ray.serve import protocol as P
 from k2ray.tokenizer.parsers import openai_finish_reason

@@ -2,7 +2,7 @@
 silent conversion), responses, stream chunks and the error body.
 
 Unknown request fields are accepted and ignored, as OpenAI-compatible servers do, so newer clients keep working.
-Range checks of sampling parameters live in :class:`k2ray.engine.sampling.SamplingParams`, whose messages name the
+Range checks of sampling parameters live in :class:`k2ray.runtime.sampling.SamplingParams`, whose messages name the
 parameter; the models here check types and the API's own rules (``top_logprobs`` needs ``logprobs``, ...).
 """
 

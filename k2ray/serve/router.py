@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from k2ray import logs, metrics
-from k2ray.config import ServeArgs
+from k2ray.serve.config import ServeArgs
 
 log = logging.getLogger("k2ray.serve.router")
 
@@ -137,7 +137,7 @@ class K2Router:
     """The router of one model group (a Serve deployment class; see :func:`k2ray.serve.app.build_app`)."""
 
     def __init__(self, args: dict | ServeArgs):
-        from k2ray.serve.models import resolve_model
+        from k2ray.checkpoint.builtin import resolve_model
 
         logs.configure()
         self.args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
@@ -214,7 +214,7 @@ class K2Router:
     async def generate(self, req: dict) -> AsyncIterator[dict]:
         """Stream one request (see the module docstring for the protocol)."""
         from k2ray.engine.request import EngineDeadError, PromptTooLongError
-        from k2ray.engine.sampling import SamplingParams
+        from k2ray.runtime.sampling import SamplingParams
 
         if self._state != "ready":
             yield error_item(503, f"model group {self.group} is {self._state}; retry shortly", "service_unavailable",
@@ -426,7 +426,7 @@ def _layout_line(layout: dict) -> str:
 
 def _guided_field() -> Optional[str]:
     """The SamplingParams field that takes a grammar constraint (``GuidedDecoding``), if the engine has one."""
-    from k2ray.engine.sampling import SamplingParams
+    from k2ray.runtime.sampling import SamplingParams
 
     for name, f in SamplingParams.model_fields.items():
         if "GuidedDecoding" in str(f.annotation):

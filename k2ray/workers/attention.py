@@ -15,10 +15,11 @@ import torch
 from k2ray import logs
 from k2ray.checkpoint.loader import load_model
 from k2ray.config import EngineConfig, ModelArgs
-from k2ray.executor.base import SeqResult, SeqWork
-from k2ray.executor.runner import ModelRunner
+from k2ray.runtime.step import SeqResult, SeqWork
+from k2ray.runtime.runner import ModelRunner
 from k2ray.parallel.dispatch import DispatchClient
-from k2ray.parallel.groups import GroupLayout, free_port, init_group, node_id, node_ip
+from k2ray.parallel.groups import GroupLayout, free_port, init_group
+from k2ray.workers.node import node_id, node_ip
 from k2ray.parallel.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from k2ray.checkpoint.loader import WeightLoader, fill_experts
 from k2ray.config import EngineConfig, ModelArgs
 from k2ray.model.moe import RoutedExperts
 from k2ray.parallel.dispatch import ExpertServer
-from k2ray.parallel.groups import GroupLayout, init_group, node_id, node_ip
+from k2ray.parallel.groups import GroupLayout, init_group
+from k2ray.workers.node import node_id, node_ip
 
 log = logging.getLogger(__name__)
 

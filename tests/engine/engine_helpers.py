@@ -6,8 +6,8 @@ import contextlib
 
 import torch
 
-from k2ray.executor.base import SeqResult, StepInput, StepOutput
-from k2ray.engine.sampling import Sample
+from k2ray.runtime.step import SeqResult, StepInput, StepOutput
+from k2ray.runtime.sampling import Sample
 
 
 class ExecutorView:

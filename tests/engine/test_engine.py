@@ -12,7 +12,7 @@ import torch
 from k2ray.config import EngineConfig, ParallelConfig
 from k2ray.engine.engine import LLMEngine
 from k2ray.engine.request import PromptTooLongError
-from k2ray.engine.sampling import SamplingParams
+from k2ray.runtime.sampling import SamplingParams
 
 from .engine_helpers import run_to_completion
 

@@ -8,7 +8,7 @@ import re
 import jsonschema
 import pytest
 
-from k2ray.engine.sampling import SamplingParams
+from k2ray.runtime.sampling import SamplingParams
 from k2ray.engine.structured import GrammarError, GuidedDecoding
 
 from .engine_helpers import run_to_completion

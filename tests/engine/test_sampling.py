@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from k2ray.engine.sampling import SampleRequest, SamplingParams, apply_penalties, derive_seed, sample
+from k2ray.runtime.sampling import SampleRequest, SamplingParams, apply_penalties, derive_seed, sample
 
 
 def _req(**kw):

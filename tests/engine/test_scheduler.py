@@ -9,7 +9,7 @@ import pytest
 from k2ray.config import EngineConfig
 from k2ray.engine.engine import LLMEngine
 from k2ray.engine.request import FinishReason, PromptTooLongError
-from k2ray.engine.sampling import SamplingParams
+from k2ray.runtime.sampling import SamplingParams
 
 from .engine_helpers import FakeExecutor, fake_reference
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from k2ray.engine.request import EngineDeadError
-from k2ray.engine.sampling import SamplingParams
+from k2ray.runtime.sampling import SamplingParams
 
 from .engine_helpers import run_to_completion
 

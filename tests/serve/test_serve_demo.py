@@ -11,7 +11,7 @@ import openai
 import pytest
 from .serve_helpers import serve_app
 
-from k2ray.serve.models import builtin_available
+from k2ray.checkpoint.builtin import builtin_available
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

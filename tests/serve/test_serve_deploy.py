@@ -23,8 +23,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from k2ray.config import ConfigError, ServeArgs
-from k2ray.serve import models
+from k2ray.config import ConfigError
+from k2ray.serve.config import ServeArgs
+from k2ray.checkpoint import builtin as models
 from k2ray.serve.app import build_app, router_bundles, router_options
 
 from .serve_helpers import free_port, wait_until

@@ -25,7 +25,7 @@ from k2ray.config import ConfigError
 __all__ = ["BUILTIN_MODELS", "cache_dir", "resolve_model", "default_served_name", "builtin_available"]
 
 BUILTIN_MODELS = ("k2ray-tiny", "k2ray-demo")
-_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # k2ray/
 DEMO_DIR = _PACKAGE_DIR / "assets" / "k2ray-demo"
 
 
@@ -46,22 +46,6 @@ def _tiny_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
-def _write_tiny(out: Path) -> None:
-    try:
-        from k2ray.checkpoint.tiny import make_tiny
-
-        make_tiny(out, seed=0)
-    except ImportError:
-        # make_tiny's own imports are being reorganised in some trees: assemble the same files from the pieces.
-        from k2ray.checkpoint.tiny import random_state_dict, tiny_config, write_checkpoint
-        from k2ray.config import ModelArgs
-        from k2ray.tokenizer import write_tokenizer_files
-
-        cfg = tiny_config()
-        write_checkpoint(out, cfg, random_state_dict(ModelArgs.from_dict(cfg), seed=0))
-        write_tokenizer_files(out)
-
-
 def _tiny_dir() -> Path:
     root = cache_dir() / "models"
     target = root / f"k2ray-tiny-{_tiny_fingerprint()}"
@@ -76,7 +60,9 @@ def _tiny_dir() -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=".k2ray-tiny-", dir=root))
         try:
-            _write_tiny(tmp)
+            from k2ray.checkpoint.tiny import make_tiny
+
+            make_tiny(tmp, seed=0)
             os.replace(tmp, target)
         finally:
             if tmp.exists():

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from k2ray.engine.sampling import sample
-from k2ray.executor.base import SeqResult, SeqWork
+from k2ray.runtime.sampling import sample
+from k2ray.runtime.step import SeqResult, SeqWork
 from k2ray.model.attention_metadata import AttentionMetadata, SeqSlice
 from k2ray.model.model import KimiK2ForCausalLM
 

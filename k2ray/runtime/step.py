@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 from k2ray.config import ModelArgs
-from k2ray.engine.sampling import Sample, SampleRequest
+from k2ray.runtime.sampling import Sample, SampleRequest
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from k2ray.engine.structured import GuidedDecoding
+from k2ray.runtime.guided import GuidedDecoding
 
 _MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (dividing by them would overflow)
