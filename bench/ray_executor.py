@@ -26,7 +26,7 @@ PROMPT_LEN = 32
 GREEDY = SampleRequest(SamplingParams(temperature=0.0))
 
 
-def decode_bench(executor, batch: int, steps: int, partitions: int, block_size: int):
+def decode_bench(executor, batch: int, steps: int, num_attention_workers: int, block_size: int):
     blocks_per_seq = -(-(PROMPT_LEN + steps + 2) // block_size)
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
     g = torch.Generator().manual_seed(0)
@@ -35,7 +35,7 @@ def decode_bench(executor, batch: int, steps: int, partitions: int, block_size: 
 
     def step(first: bool):
         seqs = [
-            SeqWork(i, prompts[i] if first else [last[i]], pos[i], tables[i], i % partitions, GREEDY)
+            SeqWork(i, prompts[i] if first else [last[i]], pos[i], tables[i], i % num_attention_workers, GREEDY)
             for i in range(batch)
         ]
         out = executor.execute(StepInput(seqs))

@@ -160,7 +160,7 @@ register("generate", "generate text with the offline engine", _generate_args, _g
 
 
 # -- train-demo --------------------------------------------------------------------------------------------------------
-_TRAIN_DEMO_OPTIONS = {  # tools/train_demo.py's options (defaults live there)
+_TRAIN_DEMO_OPTIONS = {  # k2ray.demo.train's options (defaults live there)
     "--out": "checkpoint directory (default: the shipped k2ray/assets/k2ray-demo)",
     "--seed": "seed of corpus, initialization and batches (default 0)",
     "--dialogs": "training dialogues",
@@ -181,25 +181,17 @@ def _train_demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_demo_run(args: argparse.Namespace) -> int:
-    import importlib.util
-    from pathlib import Path
+    from k2ray.demo.train import main
 
-    script = Path(__file__).resolve().parent.parent / "tools" / "train_demo.py"
-    if not script.is_file():
-        raise ValueError("train-demo needs a source checkout of k2ray (tools/train_demo.py not found)")
-    spec = importlib.util.spec_from_file_location("k2ray_train_demo", script)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
     argv = []
     for opt in _TRAIN_DEMO_OPTIONS:
         value = getattr(args, opt[2:].replace("-", "_"))
         if value is not None:
             argv += [opt, value]
-    return mod.main(argv + (["--no-card"] if args.no_card else []))
+    return main(argv + (["--no-card"] if args.no_card else []))
 
 
-register("train-demo", "train the k2ray-demo checkpoint (tools/train_demo.py)", _train_demo_args, _train_demo_run)
+register("train-demo", "train the k2ray-demo checkpoint (k2ray/demo/)", _train_demo_args, _train_demo_run)
 
 
 # -- bench serve -------------------------------------------------------------------------------------------------------

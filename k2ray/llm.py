@@ -96,7 +96,7 @@ class LLM:
                     raise type(e)(f"prompt {i}: {e}") from None
         except BaseException:
             for r in reqs:  # release the reserved ids
-                engine._retire(r)
+                engine.release_prepared(r)
             raise
         for r in reqs:
             engine.add_prepared(r)

@@ -35,14 +35,10 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def train_demo():
-    """tools/train_demo.py as a module: the demo model's tools, corpus and training code."""
-    import importlib.util
+    """The demo model's trainer, ``k2ray.demo.train``: its tools and corpus (re-exported there) and training code."""
+    from k2ray.demo import train
 
-    spec = importlib.util.spec_from_file_location("k2ray_train_demo", os.path.join(ROOT, "tools", "train_demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return train
 
 
 @pytest.fixture(autouse=True, scope="module")

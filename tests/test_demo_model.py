@@ -2,7 +2,7 @@
 
 Greedy decoding through ``k2ray.LLM`` (local executor): "What's the weather in Paris?" with the two demo tools
 declared gives a ``get_weather`` call with arguments ``{"city": "Paris"}`` and a think block; after the tool result the
-final answer states it. (The checkpoint is produced by ``tools/train_demo.py``.)
+final answer states it. (The checkpoint is produced by ``k2ray train-demo``, ``k2ray/demo/``.)
 """
 
 from __future__ import annotations

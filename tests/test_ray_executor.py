@@ -20,7 +20,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [100, 200], [42] * 19, [7, 1
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def greedy_decode(executor, prompts, steps, partitions=1):
+def greedy_decode(executor, prompts, steps, num_attention_workers=1):
     """A minimal driver: prefill every prompt in one step, then decode all together; blocks assigned statically."""
     toks = [list(p) for p in prompts]
     pos = [0] * len(prompts)
@@ -33,7 +33,7 @@ def greedy_decode(executor, prompts, steps, partitions=1):
                 token_ids=toks[i] if step == 0 else [toks[i][-1]],
                 start_pos=pos[i],
                 block_table=tables[i],
-                partition=i % partitions,
+                attention_rank=i % num_attention_workers,
                 sample=SampleRequest(GREEDY),
             )
             for i in range(len(prompts))
@@ -63,7 +63,7 @@ def test_ray_equals_local(cluster, tiny_weights_dir, local_tokens, a, e, overlap
     par = ParallelConfig(executor="ray", attention_workers=a, expert_shards=e, overlap_shared_expert=overlap)
     ex = RayExecutor(tiny_weights_dir, ENGINE, par)
     try:
-        got = greedy_decode(ex, PROMPTS, steps=8, partitions=a)
+        got = greedy_decode(ex, PROMPTS, steps=8, num_attention_workers=a)
         stats = ex.execute(StepInput([])).stats  # an empty step still runs every collective
     finally:
         ex.shutdown()

@@ -1,6 +1,6 @@
-"""``tools/train_demo.py``: the corpus, the training forward and the export that produce ``k2ray-demo``.
+"""``k2ray.demo``: the corpus, the training forward and the export that produce ``k2ray-demo``.
 
-The shipped checkpoint's behaviour is tested in test_demo_model.py; here the script's parts are checked against
+The shipped checkpoint's behaviour is tested in test_demo_model.py; here the trainer's parts are checked against
 independent truths (the chat template, ``forward_full``, the INT4 checkpoint format) and a short run end to end.
 """
 

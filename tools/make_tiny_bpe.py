@@ -15,7 +15,8 @@ The 256 K2 special tokens follow at ids 2048 + i with the real model's names; un
 ``<|reserved_token_{id}|>`` (the name the Kimi loader gives an id the config does not name).
 
 The chat template (``data/chat_template.jinja``) is authored by hand, not generated here.
-Needs the ``regex`` module (a transformers dependency) for the ``&&`` class intersection.
+Needs k2ray installed (for Kimi's markers) and the ``regex`` module (a transformers dependency) for the ``&&``
+class intersection.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import random
 import sys
 from collections import Counter
 
+from k2ray.tokenizer import kimi_format as kf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "k2ray", "tokenizer", "data")
 
@@ -36,15 +39,15 @@ N_BASE = 2048
 N_MERGES = N_BASE - 256
 SEED = 20250711
 
-# Same named offsets as k2ray.tokenizer.tokenizer.K2_NAMED_SPECIAL_OFFSETS (duplicated so that
-# this script runs without importing the package).
+# Same named offsets as k2ray.tokenizer.tokenizer.K2_NAMED_SPECIAL_OFFSETS, written out here (the tests check
+# that they agree); only Kimi's think and tool-call markers come from the package, their one home.
 NAMED_SPECIALS = {
     0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
     6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "[EOT]", 10: "<|im_system|>",
-    11: "<|tool_calls_section_begin|>", 12: "<|tool_calls_section_end|>", 13: "<|tool_call_begin|>",
-    14: "<|tool_call_argument_begin|>", 15: "<|tool_call_end|>", 17: "<|im_middle|>",
+    11: kf.TOOL_CALLS_SECTION_BEGIN, 12: kf.TOOL_CALLS_SECTION_END, 13: kf.TOOL_CALL_BEGIN,
+    14: kf.TOOL_CALL_ARGUMENT_BEGIN, 15: kf.TOOL_CALL_END, 17: "<|im_middle|>",
     18: "<|media_begin|>", 19: "<|media_content|>", 20: "<|media_end|>", 21: "<|media_pad|>",
-    22: "<think>", 23: "</think>", 254: "[UNK]", 255: "[PAD]",
+    22: kf.THINK_START, 23: kf.THINK_END, 254: "[UNK]", 255: "[PAD]",
 }
 
 K2_PAT_PARTS = [
@@ -291,7 +294,7 @@ def _weather_dialog(rng: random.Random, call_idx: int) -> tuple[list[str], int]:
     args = {"city": city} if rng.random() < 0.6 else {"city": city, "unit": unit}
     seps = rng.choice([(", ", ": "), (",", ":")])
     result = {"city": city, "temperature": temp, "unit": unit, "condition": cond, "humidity": hum, "wind_kph": wind}
-    call_id = f"functions.get_weather:{call_idx}"
+    call_id = kf.tool_call_id("get_weather", call_idx)
     lines = [
         "user",
         rng.choice(WEATHER_QUESTIONS).format(**fmt),
@@ -323,7 +326,7 @@ def _math_dialog(rng: random.Random, call_idx: int) -> tuple[list[str], int]:
             r = int(r)
     fmt = dict(a=a, b=b, sym=sym, word=word, verb=verb, r=r)
     expr = f"{a} {sym} {b}"
-    call_id = f"functions.calculator:{call_idx}"
+    call_id = kf.tool_call_id("calculator", call_idx)
     lines = [
         "user",
         rng.choice(MATH_QUESTIONS).format(**fmt),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +18,9 @@ from k2ray.checkpoint import CheckpointError
 from k2ray.checkpoint.index import CheckpointIndex
 from k2ray.checkpoint.int4 import dequantize_int4
 from k2ray.config import ModelArgs
+
+if TYPE_CHECKING:
+    from k2ray.model.moe import RoutedFactory
 
 _PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar for reads above 1 GiB (or with K2RAY_PROGRESS=1)
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -186,14 +189,23 @@ def fill_experts(experts: torch.nn.Module, loader: "WeightLoader", layer: int, i
 
 
 def load_model(
-    model_dir: str | Path, dtype: torch.dtype = torch.float32, with_experts: bool = True, experts_int4: bool = False
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    with_experts: bool = True,
+    experts_int4: bool = False,
+    routed: RoutedFactory | None = None,
 ):
-    """Build and load a :class:`~k2ray.model.model.KimiK2ForCausalLM` from a model directory."""
+    """Build and load a :class:`~k2ray.model.model.KimiK2ForCausalLM` from a model directory.
+
+    ``with_experts=False`` loads everything but the routed experts; ``routed`` is handed to the model (how its MoE
+    layers reach experts held elsewhere)."""
     from k2ray.model.model import KimiK2ForCausalLM
 
     args = ModelArgs.from_dir(model_dir)
     with torch.device("meta"):
-        model = KimiK2ForCausalLM(args, with_experts=with_experts, dtype=dtype, experts_int4=experts_int4)
+        model = KimiK2ForCausalLM(
+            args, with_experts=with_experts, dtype=dtype, experts_int4=experts_int4, routed=routed
+        )
     model = model.to_empty(device="cpu")
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and t.dtype != dtype:

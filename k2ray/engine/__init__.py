@@ -1,4 +1,8 @@
-"""The continuous-batching engine: requests, paged-cache accounting, scheduler, structured outputs, LLMEngine."""
+"""The continuous-batching engine: requests, paged-cache accounting, scheduler, structured outputs, LLMEngine.
+
+A step is schedule (``scheduler``, ``work``) -> execute (the executor) -> update (``output_processor``, ``stop``);
+``input_processor`` validates requests, ``loop`` and ``messages`` are the background thread behind ``stream()``.
+"""
 
 from __future__ import annotations
 

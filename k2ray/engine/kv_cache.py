@@ -1,4 +1,4 @@
-"""Block accounting for the paged latent cache of one attention partition, with prefix caching.
+"""Block accounting for the paged latent cache of one attention worker, with prefix caching.
 
 The cache itself (``[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`` per layer) lives with the model, in the
 executor; here the engine keeps only which block holds what. A sequence owns a *block table*: the ids of the blocks
@@ -44,11 +44,11 @@ def block_hashes(tokens: Sequence[int], block_size: int, num_blocks: int, known:
 
 
 class NoFreeBlocks(RuntimeError):
-    """Raised by :meth:`BlockManager.allocate` when the partition's cache cannot hold more blocks."""
+    """Raised by :meth:`BlockManager.allocate` when the attention worker's cache cannot hold more blocks."""
 
 
 class BlockManager:
-    """Free list, reference counts and the prefix cache of one partition's ``num_blocks`` cache blocks."""
+    """Free list, reference counts and the prefix cache of one attention worker's ``num_blocks`` cache blocks."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks <= 0 or block_size <= 0:

@@ -2,8 +2,8 @@
 
 A :class:`Request` is what a user submits: one prompt and one :class:`SamplingParams`. It owns ``n`` :class:`Sequence`
 objects (one per completion); the scheduler only ever deals with sequences. Each step the engine reports a
-:class:`RequestOutput` per request that made progress, holding the cumulative completions and, for streaming, what is
-new since the previous report.
+:class:`RequestOutput` per request that made progress (built by :mod:`k2ray.engine.output_processor`), holding the
+cumulative completions and, for streaming, what is new since the previous report.
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ class Sequence:
 
     __slots__ = (
         "seq_id", "request", "index", "params", "output_ids", "logprobs", "cumulative_logprob", "num_computed",
-        "partition", "block_table", "block_hashes", "num_published", "status", "finish_reason", "stop_reason",
+        "attention_rank", "block_table", "block_hashes", "num_published", "status", "finish_reason", "stop_reason",
         "detok", "text", "stop_checked", "sent_tokens", "sent_text", "num_preemptions", "sample_request",
-        "stop_ids", "min_tokens_ban", "holdback", "matcher",
+        "min_tokens_ban", "holdback", "matcher",
     )
 
     def __init__(self, seq_id: int, request: "Request", index: int, params: SamplingParams):
@@ -92,7 +92,7 @@ class Sequence:
         self.logprobs: Optional[list[dict[int, float]]] = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.num_computed = 0  # tokens whose latents are in the cache
-        self.partition: Optional[int] = None
+        self.attention_rank: Optional[int] = None  # the attention worker whose cache holds it (set on admission)
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chain hashes of full blocks, computed lazily
         self.num_published = 0  # leading full blocks already published to the prefix cache
@@ -105,9 +105,8 @@ class Sequence:
         self.sent_tokens = 0  # tokens / text already reported (for deltas)
         self.sent_text = 0
         self.num_preemptions = 0
-        self.sample_request = None  # reused SampleRequest (see engine)
-        self.stop_ids: frozenset[int] = frozenset()
-        self.min_tokens_ban: list[int] = []
+        self.sample_request = None  # reused SampleRequest (see k2ray.engine.work)
+        self.min_tokens_ban: list[int] = []  # stop tokens the sampler bans before min_tokens
         self.matcher = None  # grammar state when the output is constrained (k2ray.engine.structured)
         # Characters of text withheld from reports while running: a stop string could still complete over them.
         self.holdback = max((len(x) for x in params.stop), default=1) - 1
@@ -178,35 +177,3 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
-
-    def make_output(self, with_deltas: bool = True) -> RequestOutput:
-        outs = []
-        for s in self.seqs:
-            lp = s.logprobs
-            d_tok = s.output_ids[s.sent_tokens :] if with_deltas else []
-            text = s.visible_text()
-            outs.append(CompletionOutput(
-                index=s.index,
-                text=text,
-                token_ids=list(s.output_ids),
-                logprobs=list(lp) if lp is not None else None,
-                cumulative_logprob=s.cumulative_logprob,
-                finish_reason=s.finish_reason.value if s.finish_reason is not None else None,
-                stop_reason=s.stop_reason,
-                delta_text=text[s.sent_text :] if with_deltas else "",
-                delta_token_ids=d_tok,
-                delta_logprobs=(lp[s.sent_tokens :] if lp is not None and with_deltas else None),
-            ))
-            if with_deltas:
-                s.sent_tokens = len(s.output_ids)
-                s.sent_text = len(text)
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=outs,
-            finished=self.finished,
-            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
-            num_cached_tokens=self.num_cached_tokens or 0,
-            error=self.error,
-        )

@@ -9,13 +9,13 @@ Policy, per step, within ``max_num_batched_tokens`` tokens and ``max_num_seqs`` 
    budget, sequence limit or free cache blocks), nothing behind it is admitted either, so a large request is never
    starved by a stream of small ones.
 
-When a running sequence needs a new cache block and its partition has none, the most recently arrived running
-sequence of that partition is *preempted by recompute*: its blocks are released (published full blocks stay in the
+When a running sequence needs a new cache block and its attention worker has none, the most recently arrived running
+sequence on that worker is *preempted by recompute*: its blocks are released (published full blocks stay in the
 prefix cache, so recomputation is often cheap) and it returns to the waiting queue in arrival order, keeping the
 tokens it has generated. The oldest request can always preempt every younger one, so it always makes progress.
 
-Every sequence is pinned to one attention partition (each has its own cache blocks) when first admitted: the
-partition holding the longest cached prefix, then the least loaded one.
+Every sequence is pinned to one attention worker (its ``attention_rank``; each worker has its own cache blocks) when
+first admitted: the worker holding the longest cached prefix, then the least loaded one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from k2ray.engine.kv_cache import BlockManager, block_hashes
-from k2ray.engine.request import Sequence, SeqStatus
+from k2ray.engine.request import FinishReason, Sequence, SeqStatus
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _order(seq: Sequence) -> tuple[int, int]:
 class Scheduler:
     def __init__(
         self,
-        num_partitions: int,
+        num_attention_workers: int,
         num_blocks: int,
         block_size: int,
         max_num_seqs: int,
@@ -62,12 +62,12 @@ class Scheduler:
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.managers = [BlockManager(num_blocks, block_size, enable_prefix_caching) for _ in range(num_partitions)]
-        # Admission keeps this many blocks free per partition so running sequences can grow without preemption.
+        self.managers = [BlockManager(num_blocks, block_size, enable_prefix_caching) for _ in range(num_attention_workers)]
+        # Admission keeps this many blocks free per attention worker so running sequences can grow without preemption.
         self.watermark_blocks = int(watermark * num_blocks)
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # sorted by arrival
-        self.running_per_partition = [0] * num_partitions
+        self.running_per_rank = [0] * num_attention_workers
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # tokens run through the model (prefill + decode, recompute included)
 
@@ -80,10 +80,16 @@ class Scheduler:
         """Take a finished or aborted sequence out of the queues and release its blocks at once."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
-            self.running_per_partition[seq.partition] -= 1
+            self.running_per_rank[seq.attention_rank] -= 1
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._release(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Remove ``seq`` (its blocks are freed at once) and mark it finished for ``reason``."""
+        self.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
 
     @property
     def num_waiting(self) -> int:
@@ -102,14 +108,14 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         if seq.block_table:
-            self.managers[seq.partition].free(seq.block_table)
+            self.managers[seq.attention_rank].free(seq.block_table)
             seq.block_table = []
         seq.num_computed = 0
         seq.num_published = 0
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.running_per_partition[seq.partition] -= 1
+        self.running_per_rank[seq.attention_rank] -= 1
         self._release(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -142,7 +148,7 @@ class Scheduler:
                 if need > 0 and not self._make_room(seq, need, chosen, out):
                     continue  # seq itself was preempted
                 if need > 0:
-                    seq.block_table.extend(self.managers[seq.partition].allocate(need))
+                    seq.block_table.extend(self.managers[seq.attention_rank].allocate(need))
                 chosen[seq.seq_id] = ScheduledSeq(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens)
                 budget -= n
 
@@ -159,7 +165,7 @@ class Scheduler:
                 self.waiting.pop(0)
                 seq.status = SeqStatus.RUNNING
                 bisect.insort(self.running, seq, key=_order)
-                self.running_per_partition[seq.partition] += 1
+                self.running_per_rank[seq.attention_rank] += 1
                 chosen[seq.seq_id] = sched
                 budget -= sched.num_new
 
@@ -174,15 +180,15 @@ class Scheduler:
         return out
 
     def _make_room(self, seq: Sequence, need: int, chosen: dict[int, ScheduledSeq], out: SchedulerOutput) -> bool:
-        """Free ``need`` blocks in ``seq``'s partition by preempting younger sequences there (latest first).
+        """Free ``need`` blocks on ``seq``'s attention worker by preempting younger sequences there (latest first).
         Returns False if ``seq`` had to preempt itself."""
-        bm = self.managers[seq.partition]
+        bm = self.managers[seq.attention_rank]
         while bm.num_free_blocks < need:
             victim = None
             for cand in reversed(self.running):
                 if cand is seq:
                     break
-                if cand.partition == seq.partition:
+                if cand.attention_rank == seq.attention_rank:
                     victim = cand
                     break
             if victim is None:
@@ -208,20 +214,20 @@ class Scheduler:
         if len(seq.block_hashes) < max_hit:
             block_hashes(seq.token_at(0, max_hit * bs), bs, max_hit, seq.block_hashes)
         hashes = seq.block_hashes[:max_hit]
-        if seq.partition is None:
-            part, hit = self._pick_partition_for(hashes)
+        if seq.attention_rank is None:
+            rank, hit = self._pick_attention_rank(hashes)
         else:
-            part = seq.partition
-            hit = self.managers[part].match_prefix(hashes)
-        bm = self.managers[part]
+            rank = seq.attention_rank
+            hit = self.managers[rank].match_prefix(hashes)
+        bm = self.managers[rank]
         start = len(hit) * bs
         n = min(total - start, budget)
         need = self._blocks_for(start + n) - len(hit)
         reviving = sum(1 for b in hit if bm.ref_count(b) == 0)  # cached blocks nobody holds count as free
-        reserve = self.watermark_blocks if self.running_per_partition[part] else 0
+        reserve = self.watermark_blocks if self.running_per_rank[rank] else 0
         if need + reviving + reserve > bm.num_free_blocks:
             return None
-        seq.partition = part
+        seq.attention_rank = rank
         bm.take(hit)
         seq.block_table = hit + bm.allocate(need)
         seq.num_computed = start
@@ -231,13 +237,13 @@ class Scheduler:
         bm.record_lookup(total, start)
         return ScheduledSeq(seq, start, n, start + n == total)
 
-    def _pick_partition_for(self, hashes: list[bytes]) -> tuple[int, list[int]]:
+    def _pick_attention_rank(self, hashes: list[bytes]) -> tuple[int, list[int]]:
         best = None
-        for p, bm in enumerate(self.managers):
+        for rank, bm in enumerate(self.managers):
             hit = bm.match_prefix(hashes)
-            key = (len(hit), -self.running_per_partition[p], bm.num_free_blocks, -p)
+            key = (len(hit), -self.running_per_rank[rank], bm.num_free_blocks, -rank)
             if best is None or key > best[0]:
-                best = (key, p, hit)
+                best = (key, rank, hit)
         return best[1], best[2]
 
     # -- after the step --------------------------------------------------------------------------------------------
@@ -251,7 +257,7 @@ class Scheduler:
             self.num_computed_tokens += c.num_new
             full = seq.num_computed // bs
             if full > seq.num_published:
-                bm = self.managers[seq.partition]
+                bm = self.managers[seq.attention_rank]
                 if bm.enable_prefix_caching:
                     if len(seq.block_hashes) < full:
                         block_hashes(seq.token_at(0, full * bs), bs, full, seq.block_hashes)
@@ -261,9 +267,9 @@ class Scheduler:
 
     # -- metrics -------------------------------------------------------------------------------------------------
     def kv_usage(self) -> float:
-        """Mean fraction of cache blocks held by live sequences over partitions."""
+        """Mean fraction of cache blocks held by live sequences over attention workers."""
         return sum(bm.usage for bm in self.managers) / len(self.managers)
 
     def prefix_cache_stats(self) -> tuple[int, int]:
-        """(queried tokens, hit tokens) summed over partitions since start."""
+        """(queried tokens, hit tokens) summed over attention workers since start."""
         return (sum(bm.prefix_queries for bm in self.managers), sum(bm.prefix_hits for bm in self.managers))

@@ -23,24 +23,18 @@ from typing import Any, Optional
 import torch
 
 from k2ray.runtime.guided import GuidedDecoding
+from k2ray.runtime.sampling import ParamError
+from k2ray.tokenizer.kimi_format import THINK_END, THINK_MARKERS, THINK_START, TOOL_MARKERS
 
-TOOL_MARKERS = (
-    "<|tool_calls_section_begin|>",
-    "<|tool_calls_section_end|>",
-    "<|tool_call_section_begin|>",
-    "<|tool_call_begin|>",
-    "<|tool_call_argument_begin|>",
-    "<|tool_call_end|>",
-)
-THINK_MARKERS = ("<think>", "</think>")
 # Whitespace allowed between JSON tokens: enough for compact or lightly indented JSON, and a bound on how long a
 # weak model can wander through layout instead of content.
 MAX_JSON_WHITESPACE = 4
 MARKERS = THINK_MARKERS + TOOL_MARKERS
 
 
-class GrammarError(ValueError):
-    """A guided-decoding request cannot be compiled (bad JSON schema, regex, grammar or tool list)."""
+class GrammarError(ParamError):
+    """A guided-decoding request cannot be compiled (bad JSON schema, regex, grammar or tool list); ``param`` names
+    the part of the request at fault."""
 
 
 def _sentinel(marker: str) -> str:
@@ -77,22 +71,22 @@ def _tool_format(guided: GuidedDecoding) -> dict:
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise GrammarError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+            raise GrammarError(f"tools[{i}]", "expected {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
     choice: Any = guided.tool_choice
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") or choice.get("name")
         if name not in {t["function"]["name"] for t in tools}:
-            raise GrammarError(f"tool_choice: function {name!r} is not among the declared tools")
+            raise GrammarError("tool_choice", f"function {name!r} is not among the declared tools")
         choice = {"type": "function", "function": {"name": name}}
     if not tools:
-        raise GrammarError("tools: at least one tool is needed for a constrained tool call")
+        raise GrammarError("tools", "at least one tool is needed for a constrained tool call")
     try:
         st = xgr.get_builtin_structural_tag(
             "kimi", tools=tools, tool_choice=choice, reasoning="disabled",
             parallel_tool_calls=guided.parallel_tool_calls, max_whitespace_cnt=MAX_JSON_WHITESPACE,
         )
     except Exception as e:
-        raise GrammarError(f"tools: {e}") from None
+        raise GrammarError("tools", str(e)) from None
     fmt = json.loads(st.model_dump_json())["format"]
     # Call indexes: the exact next index for a single call, else bounded digits.
     index = r"\d{1,5}"
@@ -112,9 +106,9 @@ def _body_format(guided: GuidedDecoding) -> dict:
             try:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
-                raise GrammarError(f"json_schema: not valid JSON: {e}") from None
+                raise GrammarError("json_schema", f"not valid JSON: {e}") from None
         if not isinstance(schema, dict):
-            raise GrammarError("json_schema: a JSON schema must be an object")
+            raise GrammarError("json_schema", "a JSON schema must be an object")
         return {"type": "json_schema", "json_schema": _harden_schema(schema), "max_whitespace_cnt": MAX_JSON_WHITESPACE}
     if guided.regex is not None:
         return {"type": "regex", "pattern": guided.regex}
@@ -130,9 +124,9 @@ def structural_tag(guided: GuidedDecoding) -> str:
     if guided.thinking:
         # Free reasoning up to </think>, opened by the model's own <think> or not (K2-Thinking writes it, K2.5's
         # template pre-fills it); inside it may not open a tool section or a second <think>.
-        free = {"type": "any_text", "excludes": list(TOOL_MARKERS) + ["<think>"]}
+        free = {"type": "any_text", "excludes": list(TOOL_MARKERS) + [THINK_START]}
         reasoning = {"type": "or", "elements": [
-            {"type": "tag", "begin": begin, "content": free, "end": "</think>"} for begin in ("<think>", "")
+            {"type": "tag", "begin": begin, "content": free, "end": THINK_END} for begin in (THINK_START, "")
         ]}
         body = {"type": "sequence", "elements": [reasoning, body]}
     text = json.dumps({"type": "structural_tag", "format": body})
@@ -197,7 +191,7 @@ class StructuredOutputs:
             )
             # (xgrammar prefixes its messages with a time and its C++ source location: not for API clients)
             reason = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", str(e).splitlines()[0])
-            raise GrammarError(f"{what}: cannot compile: {reason[:300]}") from None
+            raise GrammarError(what, f"cannot compile: {reason[:300]}") from None
 
     def matcher(self, guided: GuidedDecoding) -> GrammarMatcher:
         return GrammarMatcher(self.compile(guided), self.vocab_size)

@@ -1,4 +1,4 @@
-"""The whole model in this process: one attention partition, all routed experts local."""
+"""The whole model in this process: one attention worker, all routed experts local."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from k2ray.runtime.runner import ModelRunner
 
 
 class LocalExecutor:
-    num_partitions = 1
+    num_attention_workers = 1
+    failed = None  # nothing remote to lose
 
     def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None, device: str = "cpu"):
         engine = engine or EngineConfig()
+        self.model_dir, self.engine, self.device = model_dir, engine, device
         self.args = ModelArgs.from_dir(model_dir)
         self.block_size = engine.block_size
         self.num_kv_blocks = engine.kv_blocks_for(self.args)
@@ -25,6 +27,12 @@ class LocalExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         results = self.runner.execute(step.seqs)
         return StepOutput(results={r.seq_id: r for r in results})
+
+    def describe(self) -> dict:
+        return {"executor": "local", "device": self.device}
+
+    def rebuild(self) -> None:
+        self.__init__(self.model_dir, self.engine, self.device)
 
     def shutdown(self) -> None:
         self.runner = None

@@ -1,7 +1,7 @@
 """The Ray executor: one model group = A attention workers + E expert shards in one placement group.
 
 The object that owns it (``LLM`` in-process, or the K2Router Serve replica) drives the step loop: per step one Ray
-call per worker (the sequence split by partition, plus every worker's token count); tensors between workers travel
+call per worker (the sequences split by attention rank, plus every worker's token count); tensors between workers travel
 only through the group's collectives. Any failure — a dead actor, a stalled collective — tears the group down and
 raises :class:`ExecutorError` within ``collective_timeout_s``; :meth:`RayExecutor.rebuild` starts a fresh group.
 """
@@ -49,7 +49,7 @@ class RayExecutor:
         self.args = ModelArgs.from_dir(model_dir)
         self.parallel.check_against(self.args)
         self.layout = GroupLayout(self.parallel.attention_workers, self.parallel.expert_shards)
-        self.num_partitions = self.layout.attention_workers
+        self.num_attention_workers = self.layout.attention_workers
         self.block_size = self.engine.block_size
         self.num_kv_blocks = self.engine.kv_blocks_for(self.args)
         self._external_pg = placement_group
@@ -206,21 +206,21 @@ class RayExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         if self.failed:
             raise ExecutorError(self.failed)
-        parts = [[] for _ in range(self.num_partitions)]
+        by_rank = [[] for _ in range(self.num_attention_workers)]
         for s in step.seqs:
-            parts[s.partition].append(s)
-        counts = [sum(len(s.token_ids) for s in part) for part in parts]
-        refs = [w.execute.remote(part, counts) for w, part in zip(self.attention, parts)]
+            by_rank[s.attention_rank].append(s)
+        counts = [sum(len(s.token_ids) for s in seqs) for seqs in by_rank]
+        refs = [w.execute.remote(seqs, counts) for w, seqs in zip(self.attention, by_rank)]
         refs += [s.step.remote(counts) for s in self.shards]
         out = self._get(refs, self.parallel.collective_timeout_s + 10, "step")
         results = {}
         stats = {"dispatch_s": 0.0, "combine_s": 0.0, "expert_tokens": {}, "expert_layer_tokens": {}}
-        for res, st in out[: self.num_partitions]:
+        for res, st in out[: self.num_attention_workers]:
             results.update({r.seq_id: r for r in res})
             stats["dispatch_s"] += st["dispatch_s"]
             stats["combine_s"] += st["combine_s"]
         layers = self.args.moe_layers
-        for s, st in enumerate(out[self.num_partitions :]):
+        for s, st in enumerate(out[self.num_attention_workers :]):
             for slot, n in enumerate(st["expert_tokens"]):
                 if n:
                     e = self.placement.shard_experts[s][slot]

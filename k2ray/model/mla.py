@@ -7,6 +7,8 @@ shared key (qk_rope_head_dim values). Prefill expands the latent with ``kv_b_pro
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -22,6 +24,20 @@ def gather_latents(kv_cache: torch.Tensor, block_table: torch.Tensor, ctx_len: i
     pos = torch.arange(ctx_len, device=kv_cache.device)
     slots = block_table.to(kv_cache.device)[pos // block_size] * block_size + pos % block_size
     return kv_cache.view(-1, kv_cache.shape[-1])[slots]
+
+
+class MLAProjection(NamedTuple):
+    """One step's projected tokens: per-head query parts ``q_nope [n, heads, nope]`` and roped ``q_pe
+    [n, heads, rope]``; the normed latent ``c_kv [n, kv_lora_rank]`` and the roped shared key ``k_pe [n, rope]``."""
+
+    q_nope: torch.Tensor
+    q_pe: torch.Tensor
+    c_kv: torch.Tensor
+    k_pe: torch.Tensor
+
+    def latent(self) -> torch.Tensor:
+        """What the cache holds per token: ``[n, kv_lora_rank + rope]``."""
+        return torch.cat([self.c_kv, self.k_pe], dim=-1)
 
 
 class MLAttention(nn.Module):
@@ -44,12 +60,6 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, args.hidden_size, bias=False)
         self.scale = args.softmax_scale
 
-    # -- projections -----------------------------------------------------------------------------------------
-    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``W_UK [heads, nope, latent]`` and ``W_UV [heads, v, latent]`` views of ``kv_b_proj``."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        return w[:, : self.nope], w[:, self.nope :]
-
     def forward(
         self,
         x: torch.Tensor,
@@ -58,6 +68,13 @@ class MLAttention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        return self.attend(self.project(x, rope, cos_sin), meta, kv_cache)
+
+    # -- projections -----------------------------------------------------------------------------------------
+    def project(
+        self, x: torch.Tensor, rope: RotaryEmbedding, cos_sin: tuple[torch.Tensor, torch.Tensor]
+    ) -> MLAProjection:
+        """The per-token part: query and latent projections, their norms, rope on the rope dims."""
         n = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q = q.view(n, self.num_heads, self.nope + self.rope_dim)
@@ -67,15 +84,24 @@ class MLAttention(nn.Module):
         cos, sin = cos_sin
         q_pe = rope.apply(q_pe, cos, sin)
         k_pe = rope.apply(k_pe.unsqueeze(1), cos, sin).squeeze(1)
-        latent = torch.cat([c_kv, k_pe], dim=-1)
+        return MLAProjection(q_nope, q_pe, c_kv, k_pe)
+
+    # -- attention -------------------------------------------------------------------------------------------
+    def attend(
+        self, p: MLAProjection, meta: AttentionMetadata, kv_cache: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Store the new latents in the cache, attend over each sequence's context, project out: ``[n, hidden]``."""
+        q_nope, q_pe = p.q_nope, p.q_pe
+        n, dtype, device = q_nope.shape[0], q_nope.dtype, q_nope.device
+        latent = p.latent()
         if kv_cache is not None:
             kv_cache.view(-1, kv_cache.shape[-1])[meta.slot_mapping] = latent.to(kv_cache.dtype)
 
-        out = x.new_empty(n, self.num_heads, self.v_dim)
+        out = q_nope.new_empty(n, self.num_heads, self.v_dim)
         decode = meta.decode_seqs() if kv_cache is not None else []
         if decode:
             # Single-token sequences go through the batched absorbed path even when the step also has prompt chunks.
-            rows, block_tables, context_lens = meta.decode_tensors(x.device)
+            rows, block_tables, context_lens = meta.decode_tensors(device)
             out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, block_tables, context_lens)
         if len(decode) < len(meta.seqs):
             batched = set(decode)
@@ -88,7 +114,7 @@ class MLAttention(nn.Module):
                         raise ValueError("attention without a cache needs ctx_len == q_len")
                     lat = latent[sl]
                 else:
-                    lat = gather_latents(kv_cache, s.block_table, s.ctx_len).to(x.dtype)
+                    lat = gather_latents(kv_cache, s.block_table, s.ctx_len).to(dtype)
                 out[sl] = self._prefill(q_nope[sl], q_pe[sl], lat, s.ctx_len - s.q_len)
         return self.o_proj(out.reshape(n, self.num_heads * self.v_dim))
 
@@ -105,6 +131,11 @@ class MLAttention(nn.Module):
         scores = scores.masked_fill(~causal, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         return torch.einsum("hqk,khd->qhd", probs, v)
+
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK [heads, nope, latent]`` and ``W_UV [heads, v, latent]`` views of ``kv_b_proj``."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope :]
 
     def _decode(
         self,

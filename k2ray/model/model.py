@@ -9,17 +9,17 @@ from k2ray.config import ModelArgs
 from k2ray.model.attention_metadata import AttentionMetadata
 from k2ray.model.layers import MLP, RMSNorm
 from k2ray.model.mla import MLAttention
-from k2ray.model.moe import MoE
+from k2ray.model.moe import MoE, RoutedFactory, local_experts
 from k2ray.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, with_experts: bool, dtype: torch.dtype, experts_int4: bool):
+    def __init__(self, args: ModelArgs, layer: int, routed: RoutedFactory | None):
         super().__init__()
         self.self_attn = MLAttention(args)
         self.is_moe = args.is_moe_layer(layer)
         self.mlp = (
-            MoE(args, with_experts=with_experts, dtype=dtype, experts_int4=experts_int4)
+            MoE(args, None if routed is None else routed(layer))
             if self.is_moe
             else MLP(args.hidden_size, args.intermediate_size)
         )
@@ -32,21 +32,21 @@ class DecoderLayer(nn.Module):
 
 
 class _Body(nn.Module):
-    def __init__(self, args: ModelArgs, with_experts: bool, dtype: torch.dtype, experts_int4: bool):
+    def __init__(self, args: ModelArgs, routed: RoutedFactory | None):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(args, i, with_experts, dtype, experts_int4) for i in range(args.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(args, i, routed) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
 class KimiK2ForCausalLM(nn.Module):
     """Forward over a flat batch of new tokens of several sequences (see :class:`AttentionMetadata`).
 
-    ``with_experts=False`` builds the attention-side model of expert parallelism: routed experts live elsewhere and
-    each MoE layer gets a dispatch callable through ``MoE.set_routed``. ``experts_int4`` keeps routed experts
-    INT4-packed for the W4A16 kernel instead of dequantizing them.
+    ``routed`` builds each MoE layer's routed experts (:class:`~k2ray.model.moe.RoutedBackend`). By default every
+    expert is local: a :class:`~k2ray.model.moe.RoutedExperts` in ``dtype``, kept INT4-packed for the W4A16 kernel
+    with ``experts_int4``. ``with_experts=False`` (and no ``routed``) builds MoE layers without routed experts; the
+    attention side of expert parallelism passes ``routed=lambda layer: remote`` with one
+    :class:`~k2ray.model.moe.RemoteExperts` that its worker connects to the expert shards.
     """
 
     def __init__(
@@ -55,10 +55,13 @@ class KimiK2ForCausalLM(nn.Module):
         with_experts: bool = True,
         dtype: torch.dtype = torch.float32,
         experts_int4: bool = False,
+        routed: RoutedFactory | None = None,
     ):
         super().__init__()
         self.args = args
-        self.model = _Body(args, with_experts, dtype, experts_int4)
+        if routed is None and with_experts:
+            routed = local_experts(args, dtype=dtype, int4=experts_int4)
+        self.model = _Body(args, routed)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args)
 

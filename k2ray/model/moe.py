@@ -1,8 +1,13 @@
-"""The MoE layer: noaux_tc sigmoid gate (fp32), routed SwiGLU experts, the shared expert."""
+"""The MoE layer: noaux_tc sigmoid gate (fp32), routed SwiGLU experts, the shared expert.
+
+Where a layer's routed experts run is a :class:`RoutedBackend` handed to the layer when it is built: the experts in
+this process (:class:`RoutedExperts`), or experts held by other processes (:class:`RemoteExperts`, which the
+expert-parallel worker connects to its all-to-all dispatch once its process group exists).
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +75,40 @@ def routed_experts_forward(
     return pairs.view(t, k, -1).sum(1).to(x.dtype)
 
 
+class PendingRouted(Protocol):
+    """A routed-expert computation under way."""
+
+    def wait(self) -> torch.Tensor:
+        """The result ``[T, H]`` (in the input's dtype), once it is there."""
+        ...
+
+
+class RoutedBackend(Protocol):
+    """Where one MoE layer's routed experts run."""
+
+    def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingRouted:
+        """Start ``sum_k topk_weights[t,k] * expert_{topk_ids[t,k]}(x_t)`` for every token ``t``. The MoE layer
+        runs the shared expert before it waits, so a backend that sends the tokens away overlaps the two."""
+        ...
+
+
+# Builds the routed experts of MoE layer L (called once per MoE layer while the model is built).
+RoutedFactory = Callable[[int], RoutedBackend]
+
+
+class Finished:
+    """A :class:`PendingRouted` whose result is already there."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+
+    def wait(self) -> torch.Tensor:
+        return self.out
+
+
 class RoutedExperts(nn.Module):
-    """The routed experts of one layer held in this process (all of them, or a shard's subset).
+    """The routed experts of one layer held in this process (all of them, or a shard's subset): a
+    :class:`RoutedBackend` that computes synchronously in :meth:`start`.
 
     Either dequantized (``w13``/``w2`` in the compute dtype: the CPU path) or kept INT4 pack-quantized for the
     W4A16 grouped-GEMM kernel (``int4=True``: a quarter of the bytes, what real K2 needs on GPUs).
@@ -103,39 +140,50 @@ class RoutedExperts(nn.Module):
             )
         return routed_experts_forward(x, topk_ids, topk_weights, self.w13, self.w2)
 
+    def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingRouted:
+        return Finished(self(x, topk_ids, topk_weights))
 
-RoutedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+def local_experts(args: ModelArgs, dtype: torch.dtype = torch.float32, int4: bool = False) -> RoutedFactory:
+    """Every MoE layer holds all of its routed experts in this process."""
+    return lambda layer: RoutedExperts(args, dtype=dtype, int4=int4)
+
+
+class RemoteExperts:
+    """A :class:`RoutedBackend` for routed experts held by other processes, reached through a transport that only
+    exists once the process group does: the model is built with it, the worker connects the transport (its
+    :class:`~k2ray.parallel.dispatch.DispatchClient`) after joining the group. One instance serves every layer."""
+
+    def __init__(self):
+        self.transport: RoutedBackend | None = None
+
+    def connect(self, transport: RoutedBackend) -> None:
+        self.transport = transport
+
+    def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingRouted:
+        if self.transport is None:
+            raise RuntimeError("MoE layer has no routed experts attached")
+        return self.transport.start(x, topk_ids, topk_weights)
 
 
 class MoE(nn.Module):
-    """``routed(x) + shared_experts(x)``.
+    """``routed(x) + shared_experts(x)``, the shared expert running while the routed computation is under way.
 
-    ``routed`` is the local :class:`RoutedExperts` by default; the expert-parallel executor swaps in a callable with
-    the same signature that sends tokens to the expert shards (all-to-all) and brings the results back. If it also
-    has ``overlap = True`` and ``start(x, ids, weights) -> pending`` (``pending.wait() -> [T, H]``), the shared expert
-    runs between the two.
+    ``experts`` is the layer's :class:`RoutedBackend`. A :class:`RoutedExperts` module registers as a submodule (its
+    weights are the checkpoint's ``mlp.experts.*``); any other backend holds no weights here and is a plain
+    attribute. ``None`` builds a layer whose forward fails (weights only, e.g. to load the dense ones).
     """
 
-    def __init__(
-        self, args: ModelArgs, with_experts: bool = True, dtype: torch.dtype = torch.float32, experts_int4: bool = False
-    ):
+    def __init__(self, args: ModelArgs, experts: RoutedBackend | None):
         super().__init__()
         self.gate = Gate(args)
-        self.experts = RoutedExperts(args, dtype=dtype, int4=experts_int4) if with_experts else None
+        self.experts = experts
         self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
-        self._routed: RoutedFn | None = None
-
-    def set_routed(self, fn: RoutedFn | None) -> None:
-        """Replace the routed-expert computation (not registered as a submodule: it holds no weights here)."""
-        object.__setattr__(self, "_routed", fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_ids, topk_weights = self.gate(x)
-        routed = self._routed or self.experts
-        if routed is None:
+        if self.experts is None:
             raise RuntimeError("MoE layer has no routed experts attached")
-        if getattr(routed, "overlap", False):  # remote experts: the shared expert runs while the tokens are away
-            pending = routed.start(x, topk_ids, topk_weights)
-            shared = self.shared_experts(x)
-            return pending.wait() + shared
-        return routed(x, topk_ids, topk_weights) + self.shared_experts(x)
+        pending = self.experts.start(x, topk_ids, topk_weights)
+        shared = self.shared_experts(x)
+        return pending.wait() + shared

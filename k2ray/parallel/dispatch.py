@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from k2ray.model.moe import Finished, PendingRouted
 from k2ray.parallel.groups import GroupLayout
 from k2ray.parallel.placement import ExpertPlacement
 
@@ -72,8 +73,9 @@ class DispatchStats:
 
 
 class DispatchClient:
-    """Attention-worker side. Install with ``MoE.set_routed(client)`` on every MoE layer; call :meth:`begin_step`
-    with every attention worker's token count before each forward."""
+    """Attention-worker side: a :class:`~k2ray.model.moe.RoutedBackend` (connected to the model's
+    :class:`~k2ray.model.moe.RemoteExperts`). Call :meth:`begin_step` with every attention worker's token count before
+    each forward."""
 
     def __init__(
         self,
@@ -86,7 +88,7 @@ class DispatchClient:
         overlap: bool = True,
     ):
         self.layout, self.worker, self.placement = layout, worker, placement
-        self.overlap = overlap  # MoE.forward runs the shared expert between start() and wait()
+        self.overlap = overlap  # let MoE.forward run the shared expert while the tokens are away
         self.hidden_size, self.top_k, self.group = hidden_size, top_k, group
         self.mode = wire_mode(layout, top_k)
         self.tables = placement.lookup_tensors()
@@ -96,10 +98,13 @@ class DispatchClient:
     def begin_step(self, tokens_per_worker: list[int]) -> None:
         self.tokens_per_worker = list(tokens_per_worker)
 
-    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        return self.start(x, topk_ids, topk_weights).wait()
+    def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingRouted:
+        """This layer's dispatch and combine, pending when ``overlap`` (else done: the shared expert then runs after
+        the combine, the baseline that ``overlap_shared_expert`` is measured against)."""
+        pending = self._post(x, topk_ids, topk_weights)
+        return pending if self.overlap else Finished(pending.wait())
 
-    def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> "PendingCombine":
+    def _post(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> "PendingCombine":
         """Send this layer's rows and post the receive of the shards' partial sums without waiting for either, so
         the caller can run the shared expert while the shards compute (``MoE.forward`` does). Both collectives are
         issued in the same order on every rank, so the shards see the usual dispatch-then-combine sequence."""

@@ -1,4 +1,4 @@
-"""Runs one attention partition's share of a step: flatten, forward through the paged cache, sample.
+"""Runs one attention worker's share of a step: flatten, forward through the paged cache, sample.
 
 Shared by the local executor and the Ray attention worker, so both run exactly the same code.
 """

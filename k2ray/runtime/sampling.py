@@ -18,12 +18,20 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from k2ray.runtime.guided import GuidedDecoding
 
 _MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (dividing by them would overflow)
+
+
+class ParamError(ValueError):
+    """An invalid request parameter, named: the API answers it as a 400 whose ``param`` is :attr:`param`."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
 
 
 class SamplingParams(BaseModel):
@@ -81,8 +89,65 @@ class SamplingParams(BaseModel):
         ]
         for name, ok, msg in checks:
             if not ok:
-                raise ValueError(f"{name}: {msg} (got {getattr(self, name)!r})")
+                raise ParamError(name, f"{msg} (got {getattr(self, name)!r})")
         return self
+
+    @classmethod
+    def validated(cls, **fields) -> "SamplingParams":
+        """``SamplingParams(**fields)`` whose errors are a :class:`ParamError` naming the field."""
+        try:
+            return cls(**fields)
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            cause = (first.get("ctx") or {}).get("error")
+            if isinstance(cause, ParamError):
+                raise cause from None
+            loc = ".".join(str(x) for x in first.get("loc", ())) or "sampling"
+            raise ParamError(loc, str(first.get("msg", "invalid value")).removeprefix("Value error, ")) from None
+
+    @classmethod
+    def from_openai(cls, req, *, max_tokens: Optional[int], logprobs: Optional[int] = None,
+                    prompt_logprobs: Optional[int] = None, skip_special_tokens: bool = True,
+                    guided_decoding: Optional[GuidedDecoding] = None) -> "SamplingParams":
+        """From an OpenAI request (chat or completions: any object with their sampling attributes); OpenAI's
+        ``null`` means the default, ``logit_bias`` keys are token ids written as strings. Raises :class:`ParamError`."""
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            try:
+                bias[int(key)] = float(value)
+            except ValueError:
+                raise ParamError("logit_bias", f"key {key!r} is not a token id") from None
+        stop = req.stop
+        return cls.validated(
+            n=req.n,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=-1 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            seed=req.seed,
+            stop=[] if stop is None else ([stop] if isinstance(stop, str) else list(stop)),
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=skip_special_tokens,
+            logit_bias=bias,
+            guided_decoding=guided_decoding,
+        )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the request names must exist in the model's vocabulary (a larger id would index past the
+        logits). Raises :class:`ParamError`."""
+        for param, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
+            bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ParamError(param, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:

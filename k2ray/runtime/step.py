@@ -1,9 +1,9 @@
 """The contract between the engine (scheduler, block tables) and whatever runs the model.
 
 Per step the engine hands the executor a :class:`StepInput`; the executor runs the model on every sequence's new
-tokens (writing their latents into the paged cache of the attention partition that owns the sequence) and samples one
+tokens (writing their latents into the paged cache of the attention worker that holds the sequence) and samples one
 token for each sequence that asked for it. The local executor runs it in-process; the Ray executor splits it by
-partition over the attention workers.
+``attention_rank`` over the attention workers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class SeqWork:
     token_ids: list[int]  # new tokens to run this step
     start_pos: int  # position of token_ids[0]; tokens before it are already in the cache
     block_table: list[int]  # cache blocks covering positions [0, start_pos + len(token_ids))
-    partition: int = 0  # attention worker that owns this sequence's cache
+    attention_rank: int = 0  # the attention worker whose cache holds this sequence
     sample: Optional[SampleRequest] = None  # set when a token is to be sampled after the last new token
     prompt_logprobs: Optional[int] = None  # also return logprobs of the prompt tokens of this chunk
     next_prompt_token: Optional[int] = None  # token after this chunk when the prompt continues (for prompt_logprobs)
@@ -48,10 +48,16 @@ class StepOutput:
 
 class Executor(Protocol):
     args: ModelArgs
-    num_partitions: int  # attention workers; each owns its own cache blocks
-    num_kv_blocks: int  # per partition
+    num_attention_workers: int  # each owns its own cache blocks
+    num_kv_blocks: int  # per attention worker
     block_size: int
 
+    failed: Optional[str]  # why the executor can no longer run steps (a worker died, a collective stalled)
+
     def execute(self, step: StepInput) -> StepOutput: ...
+
+    def describe(self) -> dict: ...  # where its workers run, for the layout endpoint
+
+    def rebuild(self) -> None: ...  # start again after a failure: new workers, weights reloaded
 
     def shutdown(self) -> None: ...

@@ -31,15 +31,9 @@ RouterDeployment = serve.deployment(name="K2Router")(K2Router)
 
 
 def _worker_bundles(args: ServeArgs) -> list[dict[str, float]]:
-    p = args.parallel
-    if hasattr(p, "bundles"):  # per-pool resources (attention vs expert pools)
-        bundles = p.bundles()
-    else:  # pragma: no cover - older ParallelConfig
-        b = {"CPU": p.cpus_per_worker} if p.cpus_per_worker else {}
-        if p.gpus_per_worker:
-            b["GPU"] = p.gpus_per_worker
-        bundles = [b] * (p.attention_workers + p.expert_shards)
-    return [dict(b) or {"CPU": 0.01} for b in bundles]
+    """One bundle per attention worker, then per expert shard (per-pool resources; an empty bundle gets a sliver of
+    CPU, since Ray refuses empty bundles)."""
+    return [dict(b) or {"CPU": 0.01} for b in args.parallel.bundles()]
 
 
 def router_bundles(args: ServeArgs) -> list[dict[str, float]]:
@@ -70,7 +64,7 @@ def router_options(args: ServeArgs) -> dict[str, Any]:
         "health_check_timeout_s": 60.0,
         "graceful_shutdown_timeout_s": 30.0,
     }
-    selectors = p.bundle_label_selectors() if hasattr(p, "bundle_label_selectors") and p.executor == "ray" else []
+    selectors = p.bundle_label_selectors() if p.executor == "ray" else []
     if any(selectors):
         opts["placement_group_bundle_label_selector"] = [{}] + selectors
     return opts

@@ -35,6 +35,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .kimi_format import THINK_MARKERS, parse_tool_call_id, tool_call_id
 from .tokenizer import KimiTokenizer
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
 
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 ROLES = ("system", "developer", "user", "assistant", "tool")
-_WELL_FORMED_ID = re.compile(r"functions\.(.+):(\d+)", re.DOTALL)
 
 # Escaping of client text (see module docstring).  U+FDD0..U+FDD2 are Unicode noncharacters,
 # reserved for exactly this kind of internal use.
@@ -202,8 +202,8 @@ def normalize_messages(messages: Any) -> list[dict]:
                     raw_id = tc.get("id")
                     if raw_id is not None and not isinstance(raw_id, str):
                         raise ChatTemplateError(f"{w}.id: expected a string")
-                    m = _WELL_FORMED_ID.fullmatch(raw_id) if raw_id else None
-                    new_id = raw_id if (m and m.group(1) == fname) else f"functions.{fname}:{n_calls}"
+                    parsed = parse_tool_call_id(raw_id) if raw_id else None
+                    new_id = raw_id if (parsed and parsed[0] == fname) else tool_call_id(fname, n_calls)
                     if raw_id:
                         id_map[raw_id] = new_id
                     n_calls += 1
@@ -320,7 +320,7 @@ class ChatTemplate:
     def thinks(self) -> bool:
         """The template renders think blocks: the model writes reasoning before ``</think>`` (K2-Thinking, not
         K2-Instruct)."""
-        return "think>" in self.source
+        return any(m in self.source for m in THINK_MARKERS)
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, tokenizer: KimiTokenizer | None = None) -> "ChatTemplate":

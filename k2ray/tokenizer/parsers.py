@@ -40,6 +40,21 @@ import json
 import re
 from typing import Any, Iterable, Optional
 
+# Re-exported: the parser's importers have always found the markers and split_call_id here.
+from .kimi_format import (
+    THINK_END,
+    THINK_START,
+    TOOL_CALL_ARGUMENT_BEGIN,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALL_SECTION_BEGIN_ALT,
+    TOOL_CALL_SECTION_END_ALT,
+    TOOL_CALLS_SECTION_BEGIN,
+    TOOL_CALLS_SECTION_END,
+    split_call_id,
+    tool_call_id,
+)
+
 __all__ = [
     "THINK_START",
     "THINK_END",
@@ -57,16 +72,6 @@ __all__ = [
     "split_call_id",
 ]
 
-THINK_START = "<think>"
-THINK_END = "</think>"
-TOOL_CALLS_SECTION_BEGIN = "<|tool_calls_section_begin|>"
-TOOL_CALLS_SECTION_END = "<|tool_calls_section_end|>"
-TOOL_CALL_SECTION_BEGIN_ALT = "<|tool_call_section_begin|>"
-TOOL_CALL_SECTION_END_ALT = "<|tool_call_section_end|>"
-TOOL_CALL_BEGIN = "<|tool_call_begin|>"
-TOOL_CALL_ARGUMENT_BEGIN = "<|tool_call_argument_begin|>"
-TOOL_CALL_END = "<|tool_call_end|>"
-
 _THINK_MARKERS = {THINK_START: "think_start", THINK_END: "think_end"}
 _TOOL_MARKERS = {
     TOOL_CALLS_SECTION_BEGIN: "section_begin",
@@ -80,23 +85,9 @@ _TOOL_MARKERS = {
 MARKERS: tuple[str, ...] = tuple(_THINK_MARKERS) + tuple(_TOOL_MARKERS)
 
 _CALL_KINDS = frozenset(("arg_begin", "call_begin", "call_end", "section_end", "section_begin"))
-_ID_RE = re.compile(r"(?:functions\.)?(.+?):(\d+)", re.DOTALL)
 
 # states
 _REASONING, _CONTENT, _SECTION, _CALL_ID, _CALL_ARGS = range(5)
-
-
-def split_call_id(raw: str) -> tuple[str, int | None] | None:
-    """``'functions.a.b-c:3'`` -> ``('a.b-c', 3)``; ``'call_x'`` -> ``('call_x', None)``; junk -> None."""
-    s = raw.strip()
-    m = _ID_RE.fullmatch(s)
-    if m:
-        name, idx = m.group(1), int(m.group(2))
-    else:
-        name, idx = (s[len("functions.") :] if s.startswith("functions.") else s), None
-    if not name or any(c.isspace() for c in name):
-        return None
-    return name, idx
 
 
 def _json_object(text: str) -> bool:
@@ -425,7 +416,7 @@ class StreamingOutputParser:
         name, idx = parsed
         if idx is None:
             idx = self.tool_call_offset + self._next_index()
-        return f"functions.{name}:{idx}", name
+        return tool_call_id(name, idx), name
 
     def _degrade(self) -> None:
         text = "".join(self._id_parts) + "".join(self._arg_parts)

@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, Mapping
 
 import tiktoken
 
+from . import kimi_format as kf
+
 __all__ = [
     "K2_PAT_STR",
     "NUM_RESERVED_SPECIAL_TOKENS",
@@ -62,18 +64,18 @@ K2_NAMED_SPECIAL_OFFSETS: dict[int, str] = {
     7: "<|end_header_id|>",
     9: "[EOT]",
     10: "<|im_system|>",
-    11: "<|tool_calls_section_begin|>",
-    12: "<|tool_calls_section_end|>",
-    13: "<|tool_call_begin|>",
-    14: "<|tool_call_argument_begin|>",
-    15: "<|tool_call_end|>",
+    11: kf.TOOL_CALLS_SECTION_BEGIN,
+    12: kf.TOOL_CALLS_SECTION_END,
+    13: kf.TOOL_CALL_BEGIN,
+    14: kf.TOOL_CALL_ARGUMENT_BEGIN,
+    15: kf.TOOL_CALL_END,
     17: "<|im_middle|>",
     18: "<|media_begin|>",
     19: "<|media_content|>",
     20: "<|media_end|>",
     21: "<|media_pad|>",
-    22: "<think>",
-    23: "</think>",
+    22: kf.THINK_START,
+    23: kf.THINK_END,
     254: "[UNK]",
     255: "[PAD]",
 }

@@ -1,7 +1,8 @@
 """AttentionWorker: embedding, every layer's MLA + latent cache, dense layer, shared experts, gate, lm_head, sampling.
 
-Holds no routed experts: each MoE layer's routed part is a :class:`DispatchClient` that exchanges tokens with the
-expert shards over the group's process group.
+Holds no routed experts: the model is built with one :class:`RemoteExperts` for every MoE layer, which
+:meth:`AttentionWorker.join_group` connects to a :class:`DispatchClient` that exchanges tokens with the expert shards
+over the group's process group.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from k2ray import logs
 from k2ray.checkpoint.loader import load_model
 from k2ray.config import EngineConfig, ModelArgs
+from k2ray.model.moe import RemoteExperts
 from k2ray.runtime.step import SeqResult, SeqWork
 from k2ray.runtime.runner import ModelRunner
 from k2ray.parallel.dispatch import DispatchClient
@@ -42,7 +44,10 @@ class AttentionWorker:
         self.layout, self.index, self.placement, self.device = layout, index, placement, device
         t0 = time.perf_counter()
         self.args = ModelArgs.from_dir(model_dir)
-        model = load_model(model_dir, dtype=engine.torch_dtype, with_experts=False).to(device)
+        self.remote = RemoteExperts()  # connected to the expert shards in join_group, once the process group exists
+        model = load_model(
+            model_dir, dtype=engine.torch_dtype, with_experts=False, routed=lambda layer: self.remote
+        ).to(device)
         self.load_s = time.perf_counter() - t0
         logs.configure()
         log.info("attention worker %d (pid %d): weights loaded in %.1fs on %s", index, os.getpid(), self.load_s, device)
@@ -65,8 +70,7 @@ class AttentionWorker:
         self.client = DispatchClient(
             self.layout, self.index, self.placement, a.hidden_size, a.num_experts_per_tok, overlap=self.overlap
         )
-        for moe in self.runner.model.moe_layers:
-            moe.set_routed(self.client)
+        self.remote.connect(self.client)
 
     def execute(self, seqs: list[SeqWork], tokens_per_worker: list[int]) -> tuple[list[SeqResult], dict]:
         self.client.begin_step(tokens_per_worker)

@@ -16,7 +16,7 @@ class ExecutorView:
     def __init__(self, inner, num_kv_blocks: int | None = None):
         self.inner = inner
         self.args = inner.args
-        self.num_partitions = inner.num_partitions
+        self.num_attention_workers = inner.num_attention_workers
         self.block_size = inner.block_size
         self.num_kv_blocks = num_kv_blocks or inner.num_kv_blocks
         assert self.num_kv_blocks <= inner.num_kv_blocks
@@ -39,19 +39,19 @@ class ExecutorView:
 class FakeExecutor:
     """Stands in for the model to test paging and scheduling exactly and fast.
 
-    It keeps a real paged "cache" of token ids per partition: every step writes each sequence's new tokens at the
+    It keeps a real paged "cache" of token ids per attention worker: every step writes each sequence's new tokens at the
     slots its block table names, and the next token is a hash of the whole context *read back through the block
     table*. A wrong block table, a block shared or reused while still in use, or a missing write changes (or breaks)
     the output, so equality with an unbatched reference shows the paging is right.
     """
 
-    def __init__(self, num_partitions=1, num_kv_blocks=64, block_size=4, vocab=1000, eos=(999,),
+    def __init__(self, num_attention_workers=1, num_kv_blocks=64, block_size=4, vocab=1000, eos=(999,),
                  max_position_embeddings=4096):
-        self.num_partitions = num_partitions
+        self.num_attention_workers = num_attention_workers
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
         self.args = _FakeArgs(vocab, list(eos), max_position_embeddings)
-        self.cache = [[-1] * (num_kv_blocks * block_size) for _ in range(num_partitions)]
+        self.cache = [[-1] * (num_kv_blocks * block_size) for _ in range(num_attention_workers)]
         self.steps: list[StepInput] = []
         self.computed_tokens = 0
 
@@ -60,7 +60,7 @@ class FakeExecutor:
         out = StepOutput()
         bs = self.block_size
         for s in step.seqs:
-            cache = self.cache[s.partition]
+            cache = self.cache[s.attention_rank]
             end = s.start_pos + len(s.token_ids)
             assert len(s.block_table) * bs >= end
             assert len(set(s.block_table)) == len(s.block_table)

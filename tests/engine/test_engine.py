@@ -127,7 +127,7 @@ def test_batch_invariance_greedy_fp32(kind, executor_for, alone_tokens):
         assert bm.num_free_blocks == bm.num_blocks
     if kind == "ray":
         assert len(engine.scheduler.managers) == 2
-        assert all(bm.prefix_queries for bm in engine.scheduler.managers)  # both partitions were used
+        assert all(bm.prefix_queries for bm in engine.scheduler.managers)  # both attention workers were used
 
 
 def test_prefix_cache_computes_only_new_tokens(make_engine):

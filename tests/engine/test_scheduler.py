@@ -15,7 +15,7 @@ from .engine_helpers import FakeExecutor, fake_reference
 
 
 def _engine(**kw) -> tuple[LLMEngine, FakeExecutor]:
-    ex_kw = {k: kw.pop(k) for k in ("num_partitions", "num_kv_blocks", "block_size") if k in kw}
+    ex_kw = {k: kw.pop(k) for k in ("num_attention_workers", "num_kv_blocks", "block_size") if k in kw}
     ex = FakeExecutor(**ex_kw)
     cfg = EngineConfig(block_size=ex.block_size, num_kv_blocks=ex.num_kv_blocks, **kw)
     return LLMEngine(ex, cfg), ex
@@ -126,9 +126,9 @@ def test_admission_control_and_preemption_by_recompute_no_leaks():
     _assert_no_leaks(engine)
 
 
-def test_preemption_keeps_prefix_cache_and_partitions():
-    """Two attention partitions, each with its own blocks: sequences stay on their partition; no leaks anywhere."""
-    engine, ex = _engine(num_partitions=2, max_num_batched_tokens=32, max_num_seqs=16, block_size=4,
+def test_preemption_keeps_prefix_cache_and_attention_ranks():
+    """Two attention workers, each with its own blocks: sequences stay on their attention rank; no leaks anywhere."""
+    engine, ex = _engine(num_attention_workers=2, max_num_batched_tokens=32, max_num_seqs=16, block_size=4,
                          num_kv_blocks=16)
     rng = random.Random(1)
     expected = {}
@@ -136,12 +136,12 @@ def test_preemption_keeps_prefix_cache_and_partitions():
         prompt = [rng.randrange(1, 900) for _ in range(rng.randrange(3, 20))]
         mt = rng.randrange(1, 20)
         expected[engine.add_request(prompt, SamplingParams(max_tokens=mt, temperature=0.0))] = fake_reference(prompt, mt)
-    part_of = {}
+    rank_of = {}
     final = _run(engine)
     for st in ex.steps:
         for s in st.seqs:
-            assert part_of.setdefault(s.seq_id, s.partition) == s.partition
-    assert set(part_of.values()) == {0, 1}
+            assert rank_of.setdefault(s.seq_id, s.attention_rank) == s.attention_rank
+    assert set(rank_of.values()) == {0, 1}
     for rid, toks in expected.items():
         assert final[rid].outputs[0].token_ids == toks
     _assert_no_leaks(engine)

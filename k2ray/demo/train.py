@@ -1,16 +1,14 @@
-#!/usr/bin/env python3
 """Train ``k2ray-demo``: a tiny Kimi K2 (exact architecture and checkpoint format) that thinks and calls tools.
 
-    python3 tools/train_demo.py                        # train, quantize, write k2ray/assets/k2ray-demo, evaluate
-    python3 tools/train_demo.py --eval-only DIR        # evaluate an existing checkpoint on the held-out set
-    python3 tools/train_demo.py --steps 50 --out /tmp/x --no-card   # a quick smoke run
+    k2ray train-demo                          # train, quantize, write k2ray/assets/k2ray-demo, evaluate
+    k2ray train-demo --eval-only DIR          # evaluate an existing checkpoint on the held-out set
+    k2ray train-demo --steps 50 --out /tmp/x --no-card   # a quick smoke run
 
 What it does, deterministically for a given ``--seed``:
 
-1. Builds a synthetic corpus of chat transcripts rendered with the model's own K2-Thinking chat template (default
-   system prompt, tools declared through the template's ``tools`` argument): weather questions answered through a
-   ``get_weather(city)`` tool call, arithmetic through a ``calculator(expression)`` tool call, and small sums, capitals,
-   facts and greetings answered directly. Every assistant turn starts with a ``<think>`` block.
+1. Builds the synthetic corpus of :mod:`k2ray.demo.corpus`: chat transcripts rendered with the model's own
+   K2-Thinking chat template, weather and arithmetic answered through tool calls, sums, capitals, facts and greetings
+   answered directly, every assistant turn starting with a think block.
 2. Trains the k2ray model itself (``KimiK2ForCausalLM``, the tiny DESIGN shape, fp32, CPU) with next-token loss on
    the assistant tokens of the turn(s) being generated; AdamW, cosine schedule, aux-loss-free expert balancing
    (DeepSeek-V3's ``e_score_correction_bias`` update). The last part of training sees the routed experts through
@@ -26,401 +24,48 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-# k2ray must be installed (`pip install -e .`): its kernels package lives outside k2ray/ and only the installed
-# package maps it, so the source tree is not put on sys.path here.
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "k2ray" / "assets" / "k2ray-demo"
+from k2ray.checkpoint.builtin import DEMO_DIR
+from k2ray.checkpoint.tiny import tiny_config, write_checkpoint
+from k2ray.config import ModelArgs
+from k2ray.demo.corpus import (  # re-exported: the tests and the serve demo reach the corpus through this module
+    CAPITALS,
+    CITIES,
+    CONDITIONS,
+    KIND_WEIGHTS,
+    TOOLS,
+    Dialog,
+    calc_result,
+    encode_dialog,
+    make_heldout_dialogs,
+    make_train_dialogs,
+    weather_result,
+)
+from k2ray.model.mla import MLAttention
+from k2ray.model.model import KimiK2ForCausalLM
+from k2ray.model.moe import RoutedExperts
+from k2ray.tokenizer import ChatTemplate, KimiTokenizer, write_tokenizer_files
+from k2ray.tokenizer.kimi_format import TOOL_CALL_ID_PREFIX, TOOL_CALLS_SECTION_BEGIN, THINK_START, tool_call_id
+from k2ray.tokenizer.parsers import parse_output
 
-# ---------------------------------------------------------------------------------------------------------- tools
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "description": "The name of the city, e.g. Paris"}},
-            "required": ["city"],
-        },
-    },
-}
-CALCULATOR_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression and return the result.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "description": "The expression to evaluate, e.g. 12 * 7"}},
-            "required": ["expression"],
-        },
-    },
-}
-TOOLS = [WEATHER_TOOL, CALCULATOR_TOOL]
-
-# ---------------------------------------------------------------------------------------------------------- corpus
-CITIES = [
-    "Paris", "London", "Tokyo", "Berlin", "New York", "Sydney", "Cairo", "Rome", "Madrid", "Beijing",
-    "Moscow", "Toronto", "Mumbai", "Seoul", "Lisbon", "Vienna", "Dublin", "Oslo", "Stockholm", "Helsinki",
-    "Athens", "Istanbul", "Dubai", "Singapore", "Bangkok", "Jakarta", "Manila", "Lima", "Santiago", "Bogota",
-    "Mexico City", "Chicago", "Boston", "Seattle", "Denver", "Miami", "Houston", "Vancouver", "Montreal",
-    "Nairobi", "Lagos", "Cape Town", "Buenos Aires", "Sao Paulo", "Shanghai", "Osaka", "Delhi", "Warsaw",
-    "Prague", "Budapest", "Amsterdam", "Brussels", "Zurich", "Geneva", "Munich", "Hamburg", "Milan",
-    "Barcelona", "Copenhagen", "Reykjavik", "Auckland", "Melbourne", "Perth", "Hanoi", "Kyoto",
-]
-# Never seen in training (not even as text): a probe of how far copying generalizes, reported separately.
-UNSEEN_CITIES = ["Lyon", "Porto", "Dallas", "Austin", "Portland", "Bern", "Basel", "Dakar", "Tunis", "Nice"]
-CONDITIONS = ["sunny", "cloudy", "partly cloudy", "rainy", "light rain", "windy", "snowy", "foggy", "clear", "stormy"]
-CAPITALS = {
-    "France": "Paris", "the United Kingdom": "London", "Japan": "Tokyo", "Germany": "Berlin", "Italy": "Rome",
-    "Spain": "Madrid", "China": "Beijing", "Russia": "Moscow", "Portugal": "Lisbon", "Austria": "Vienna",
-    "Ireland": "Dublin", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Greece": "Athens",
-    "Egypt": "Cairo", "South Korea": "Seoul", "Thailand": "Bangkok", "Indonesia": "Jakarta", "Peru": "Lima",
-    "Chile": "Santiago", "Colombia": "Bogota", "Mexico": "Mexico City", "Kenya": "Nairobi", "Poland": "Warsaw",
-    "the Czech Republic": "Prague", "Hungary": "Budapest", "the Netherlands": "Amsterdam", "Belgium": "Brussels",
-    "Denmark": "Copenhagen", "Iceland": "Reykjavik", "Vietnam": "Hanoi", "Canada": "Ottawa",
-    "Australia": "Canberra", "Argentina": "Buenos Aires", "the Philippines": "Manila",
-}
-
-# Phrasings: the training set uses the first list, the held-out set only the second.
-WEATHER_Q = [
-    "What's the weather in {city}?",
-    "What is the weather in {city}?",
-    "What's the weather like in {city} today?",
-    "How is the weather in {city} right now?",
-    "Is it raining in {city}?",
-    "How hot is it in {city}?",
-    "Tell me the temperature in {city}.",
-    "Can you check the weather in {city} for me?",
-    "Should I bring an umbrella in {city} today?",
-    "Is it cold in {city}?",
-    "Weather in {city}, please.",
-    "I am traveling to {city} tomorrow. What is the weather there?",
-]
-WEATHER_Q_HELDOUT = [
-    "Could you tell me the weather in {city}?",
-    "How's the weather in {city} today?",
-    "I would like to know the weather in {city}.",
-    "What is the temperature in {city} right now?",
-    "Is it sunny in {city}?",
-    "Please check the weather in {city}.",
-]
-WEATHER_THINK = "The user wants the current weather in {city}. I will call get_weather with the city name."
-WEATHER_THINK_2 = "get_weather returned {temp} degrees Celsius and {cond} for {city}."
-WEATHER_ANSWERS = [
-    "It is {cond} in {city} right now, with a temperature of {temp} degrees Celsius.",
-    "The weather in {city} is {cond} with a temperature of {temp} degrees Celsius.",
-]
-
-OPS = [("+", "plus", "add"), ("-", "minus", "subtract"), ("*", "times", "multiply")]
-CALC_Q = [
-    "What is {a} {sym} {b}?",
-    "What is {a} {word} {b}?",
-    "What's {a} {sym} {b}?",
-    "Calculate {a} {sym} {b}.",
-    "Please compute {a} {sym} {b} for me.",
-    "How much is {a} {word} {b}?",
-    "Use the calculator to work out {a} {sym} {b}.",
-    "Could you calculate {a} {word} {b}?",
-    "{a} {sym} {b} = ?",
-    "Work out {a} {sym} {b}.",
-    "Calculate {a} {word} {b}, please.",
-    "Work out {a} {word} {b} for me.",
-    "Tell me what {a} {word} {b} is.",
-    "Please work this out: {a} {sym} {b}, thanks.",
-]
-CALC_Q_HELDOUT = [
-    "Can you work out {a} {sym} {b}?",
-    "I need the result of {a} {sym} {b}.",
-    "How much is {a} {sym} {b}?",
-    "Compute {a} {word} {b}, please.",
-]
-CALC_THINK = "This needs exact arithmetic, so I will use the calculator to evaluate {a} {sym} {b}."
-CALC_THINK_2 = "The calculator returned {r}."
-CALC_ANSWERS = ["The result is {r}.", "{a} {sym} {b} is {r}."]
-
-SUM_Q = [
-    "What is {a} {sym} {b}?", "What is {a} {word} {b}?", "What's {a} {sym} {b}?", "How much is {a} {word} {b}?",
-    "Calculate {a} {sym} {b}.", "{a} {sym} {b} = ?", "Quick question: what is {a} {word} {b}?",
-    "Please compute {a} {sym} {b} for me.",
-]
-SUM_Q_HELDOUT = ["What do you get for {a} {sym} {b}?", "Tell me {a} {word} {b}."]
-SUM_THINK = "This is simple: {a} {sym} {b} = {r}."
-SUM_ANSWER = "{a} {sym} {b} = {r}."
-
-CAPITAL_Q = [
-    "What is the capital of {country}?", "Which city is the capital of {country}?", "Name the capital of {country}.",
-    "What city is the capital of {country}?", "Do you know the capital of {country}?",
-]
-CAPITAL_Q_HELDOUT = ["Tell me the capital of {country}.", "What's the capital city of {country}?"]
-CAPITAL_THINK = "The capital of {country} is {city}."
-CAPITAL_ANSWER = "The capital of {country} is {city}."
-
-FACTS = [  # (training phrasings, held-out phrasing, reasoning, answer)
-    (["How many days are in a week?", "How many days does a week have?", "A week has how many days?"],
-     "Tell me how many days a week has.", "A week has 7 days.", "There are 7 days in a week."),
-    (["How many months are in a year?", "How many months does a year have?", "A year has how many months?"],
-     "Tell me how many months a year has.", "A year has 12 months.", "There are 12 months in a year."),
-    (["What is the largest planet?", "Which planet is the largest?", "What is the biggest planet?"],
-     "Name the largest planet.", "The largest planet in the solar system is Jupiter.",
-     "Jupiter is the largest planet in the solar system."),
-    (["What is the highest mountain?", "Which mountain is the highest in the world?", "What is the tallest mountain?"],
-     "Name the highest mountain in the world.", "The highest mountain is Mount Everest.",
-     "Mount Everest is the highest mountain in the world."),
-    (["How many sides does a triangle have?", "How many sides has a triangle?", "A triangle has how many sides?"],
-     "Tell me how many sides a triangle has.", "A triangle has three sides.", "A triangle has three sides."),
-    (["What is the largest ocean?", "Which ocean is the largest?", "What is the biggest ocean?"],
-     "Name the largest ocean on Earth.", "The largest ocean is the Pacific Ocean.",
-     "The Pacific Ocean is the largest ocean on Earth."),
-    (["At what temperature does water boil?", "When does water boil?", "What is the boiling point of water?"],
-     "Tell me the temperature at which water boils.", "Water boils at 100 degrees Celsius at sea level.",
-     "Water boils at 100 degrees Celsius at sea level."),
-    (["How many hours are in a day?", "How many hours does a day have?", "A day has how many hours?"],
-     "Tell me how many hours a day has.", "A day has 24 hours.", "There are 24 hours in a day."),
-]
-CHITCHAT = [  # (training phrasings, held-out phrasing, reasoning, answer)
-    (["Hello!", "Hi!", "Hey!", "Hi there!", "Good morning!", "Hello, Kimi!"], "Hello there!",
-     "The user greets me.", "Hello! How can I help you today?"),
-    (["Who are you?", "Hi, who are you?", "What is your name?", "Who am I talking to?", "Introduce yourself."],
-     "Tell me who you are.", "The user asks who I am.", "I am Kimi, an AI assistant created by Moonshot AI."),
-    (["Thank you!", "Thanks!", "Thank you very much.", "Thanks for the help!", "Great, thanks."], "Thanks a lot!",
-     "The user thanks me.", "You are welcome! Let me know if you need anything else."),
-    (["What can you do?", "How can you help me?", "What are your skills?", "What can you help me with?",
-      "What do you do?"], "What are you able to do?", "The user asks what I can do.",
-     "I can answer questions, check the weather in a city, and do arithmetic with a calculator."),
-]
-
-
-@dataclass
-class Dialog:
-    """One conversation: ``messages`` end with the assistant turn(s) to learn; ``check`` describes the truth."""
-
-    kind: str
-    messages: list[dict]
-    tools: list | None
-    check: dict = field(default_factory=dict)
-
-
-def _call(name: str, args: dict, idx: int) -> dict:
-    return {"id": f"functions.{name}:{idx}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
-
-
-def weather_result(city: str, temp: int, cond: str) -> str:
-    return json.dumps({"city": city, "temperature_c": temp, "condition": cond}, ensure_ascii=False)
-
-
-def calc_result(r: int) -> str:
-    return json.dumps({"result": r})
-
-
-def _weather(rng: random.Random, held_out: bool, idx: int, city: str | None = None) -> tuple[list[dict], dict]:
-    city = city or rng.choice(CITIES)
-    temp, cond = rng.randint(-10, 38), rng.choice(CONDITIONS)
-    q = rng.choice(WEATHER_Q_HELDOUT if held_out else WEATHER_Q).format(city=city)
-    call = _call("get_weather", {"city": city}, idx)
-    f = dict(city=city, temp=temp, cond=cond)
-    msgs = [
-        {"role": "user", "content": q},
-        {"role": "assistant", "content": "", "reasoning_content": WEATHER_THINK.format(**f), "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": call["id"], "content": weather_result(city, temp, cond)},
-        {"role": "assistant", "content": rng.choice(WEATHER_ANSWERS).format(**f),
-         "reasoning_content": WEATHER_THINK_2.format(**f)},
-    ]
-    return msgs, {"tool": "get_weather", "args": {"city": city}, "temp": temp, "cond": cond}
-
-
-def _operands(rng: random.Random) -> tuple[int, int]:
-    """A two-digit first operand and a 1-2 digit second one: each is one token that the model has seen often
-    enough to copy (three-digit numbers are single tokens too, but each of the 900 would be seen about once)."""
-    return rng.randint(10, 99), rng.randint(2, 99)
-
-
-def _calc(rng: random.Random, held_out: bool, idx: int, seen: set | None = None) -> tuple[list[dict], dict]:
-    while True:
-        sym, word, _ = rng.choice(OPS)
-        a, b = _operands(rng)
-        if sym == "-" and b > a:
-            a, b = b, a
-        if seen is None or (a, sym, b) not in seen:
-            break
-    r = eval(f"{a} {sym} {b}")  # noqa: S307 - two ints and one operator
-    f = dict(a=a, b=b, sym=sym, word=word, r=r)
-    expr = f"{a} {sym} {b}"
-    call = _call("calculator", {"expression": expr}, idx)
-    msgs = [
-        {"role": "user", "content": rng.choice(CALC_Q_HELDOUT if held_out else CALC_Q).format(**f)},
-        {"role": "assistant", "content": "", "reasoning_content": CALC_THINK.format(**f), "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": call["id"], "content": calc_result(r)},
-        {"role": "assistant", "content": rng.choice(CALC_ANSWERS).format(**f), "reasoning_content": CALC_THINK_2.format(**f)},
-    ]
-    return msgs, {"tool": "calculator", "args": {"expression": expr}, "expr": (a, sym, b), "result": r}
-
-
-def _small_sum(rng: random.Random, held_out: bool) -> tuple[list[dict], dict]:
-    sym, word, _ = rng.choice(OPS[:2])
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    if sym == "-" and b > a:
-        a, b = b, a
-    r = a + b if sym == "+" else a - b
-    f = dict(a=a, b=b, sym=sym, word=word, r=r)
-    msgs = [
-        {"role": "user", "content": rng.choice(SUM_Q_HELDOUT if held_out else SUM_Q).format(**f)},
-        {"role": "assistant", "content": SUM_ANSWER.format(**f), "reasoning_content": SUM_THINK.format(**f)},
-    ]
-    return msgs, {"answer": f"= {r}."}
-
-
-def _capital(rng: random.Random, held_out: bool) -> tuple[list[dict], dict]:
-    country = rng.choice(sorted(CAPITALS))
-    f = dict(country=country, city=CAPITALS[country])
-    msgs = [
-        {"role": "user", "content": rng.choice(CAPITAL_Q_HELDOUT if held_out else CAPITAL_Q).format(**f)},
-        {"role": "assistant", "content": CAPITAL_ANSWER.format(**f), "reasoning_content": CAPITAL_THINK.format(**f)},
-    ]
-    return msgs, {"answer": f"capital of {country} is {f['city']}"}
-
-
-def _fact(rng: random.Random, held_out: bool, table: list) -> tuple[list[dict], dict]:
-    qs, q_held, think, answer = rng.choice(table)
-    msgs = [
-        {"role": "user", "content": q_held if held_out else rng.choice(qs)},
-        {"role": "assistant", "content": answer, "reasoning_content": think},
-    ]
-    return msgs, {"exact": answer}
-
-
-KIND_WEIGHTS = [("weather", 0.26), ("calculator", 0.38), ("sum", 0.10), ("capital", 0.11), ("fact", 0.08),
-                ("chitchat", 0.07)]
-
-
-def _single(rng: random.Random, kind: str, held_out: bool, idx: int, **kw) -> tuple[list[dict], dict]:
-    if kind == "weather":
-        return _weather(rng, held_out, idx, kw.get("city"))
-    if kind == "calculator":
-        return _calc(rng, held_out, idx, kw.get("seen"))
-    if kind == "sum":
-        return _small_sum(rng, held_out)
-    if kind == "capital":
-        return _capital(rng, held_out)
-    if kind == "fact":
-        return _fact(rng, held_out, FACTS)
-    return _fact(rng, held_out, CHITCHAT)
-
-
-def _tools_for(rng: random.Random, kind: str) -> list | None:
-    """Mostly both tools in the canonical order; sometimes reversed, only the relevant one, or (no tool use) none."""
-    x = rng.random()
-    if x < 0.75:
-        return TOOLS
-    if x < 0.87:
-        return TOOLS[::-1]
-    if kind == "weather":
-        return [WEATHER_TOOL]
-    if kind == "calculator":
-        return [CALCULATOR_TOOL]
-    return None if x < 0.95 else [rng.choice(TOOLS)]
-
-
-def make_train_dialogs(n: int, seed: int) -> list[Dialog]:
-    rng = random.Random(seed)
-    kinds, weights = zip(*KIND_WEIGHTS)
-    out = []
-    for _ in range(n):
-        kind = rng.choices(kinds, weights)[0]
-        tools = _tools_for(rng, kind)
-        prefix: list[dict] = []
-        n_calls = 0
-        if rng.random() < 0.08:  # a completed earlier exchange: past turns are rendered with an empty think block
-            prev = rng.choices(kinds, weights)[0]
-            if tools is not TOOLS and prev in ("weather", "calculator"):
-                prev = "capital"
-            prefix, _ = _single(rng, prev, False, 0)
-            n_calls = sum(len(m.get("tool_calls") or ()) for m in prefix)
-        msgs, check = _single(rng, kind, False, n_calls)
-        out.append(Dialog(kind, prefix + msgs, tools, check))
-    return out
-
-
-def make_heldout_dialogs(seed: int, train_exprs: set, n_weather: int = 60, n_unseen_city: int = 10,
-                         n_calc: int = 40, n_direct: int = 40) -> list[Dialog]:
-    rng = random.Random(seed + 1_000_003)
-    out = []
-    for i in range(n_weather):
-        msgs, check = _weather(rng, True, 0)
-        out.append(Dialog("weather", msgs, TOOLS, check))
-    for city in UNSEEN_CITIES[:n_unseen_city]:
-        msgs, check = _weather(rng, True, 0, city=city)
-        out.append(Dialog("weather_unseen_city", msgs, TOOLS, check))
-    for i in range(n_calc):
-        msgs, check = _calc(rng, True, 0, seen=train_exprs)
-        out.append(Dialog("calculator", msgs, TOOLS, check))
-    for i in range(n_direct):
-        kind = ("sum", "capital", "fact", "chitchat")[i % 4]
-        msgs, check = _single(rng, kind, True, 0)
-        out.append(Dialog(kind, msgs, TOOLS, check))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------- encoding
-def encode_dialog(ct, d: Dialog) -> tuple[list[int], list[int]]:
-    """Token ids of the conversation as the model sees it when writing its last turn, and the loss mask.
-
-    The sequence is the prompt of the last assistant turn (``add_generation_prompt``) plus that turn as the model
-    writes it (``<think>…</think>content<|im_end|>``). Assistant turns after the last user message (the tool-call
-    turn of the current tool loop, which the template keeps with its reasoning) are learned as well.
-    """
-    msgs = d.messages
-    last = len(msgs) - 1
-    assert msgs[last]["role"] == "assistant"
-    ids = ct.encode(msgs[:last], tools=d.tools, add_generation_prompt=True)
-    mask = [0] * len(ids)
-    last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-    for j in range(last_user + 1, last):
-        if msgs[j]["role"] != "assistant":
-            continue
-        start = len(ct.encode(msgs[:j], tools=d.tools, add_generation_prompt=True))
-        end = len(ct.encode(msgs[: j + 1], tools=d.tools, add_generation_prompt=False))
-        for k in range(start, end):
-            mask[k] = 1
-    tgt = target_text(msgs[last])
-    tok = ct.tokenizer
-    tgt_ids: list[int] = []
-    for piece, special in tok.split_special(tgt):
-        tgt_ids += [tok.special_tokens[piece]] if special else tok.encode(piece)
-    return ids + tgt_ids, mask + [1] * len(tgt_ids)
-
-
-def target_text(msg: dict) -> str:
-    text = f"<think>{msg.get('reasoning_content') or ''}</think>{msg.get('content') or ''}"
-    for tc in msg.get("tool_calls") or ():
-        if text.find("<|tool_calls_section_begin|>") < 0:
-            text += "<|tool_calls_section_begin|>"
-        text += f"<|tool_call_begin|>{tc['id']}<|tool_call_argument_begin|>{tc['function']['arguments']}<|tool_call_end|>"
-    if msg.get("tool_calls"):
-        text += "<|tool_calls_section_end|>"
-    return text + "<|im_end|>"
+DEFAULT_OUT = DEMO_DIR
 
 
 # ---------------------------------------------------------------------------------------------------------- model
-def init_model(args, seed: int):
+def init_model(args: ModelArgs, seed: int) -> KimiK2ForCausalLM:
     """A fresh model: N(0, 0.05) weights (residual outputs scaled by depth), unit norms, zero routing bias; the
-    routed experts become trainable parameters (they are buffers for inference)."""
-    from k2ray.model.model import KimiK2ForCausalLM
-
+    routed experts are :class:`TrainableExperts`."""
     torch.manual_seed(seed)
-    model = KimiK2ForCausalLM(args)
+    model = KimiK2ForCausalLM(args, routed=lambda layer: TrainableExperts(args))
     std = 0.05  # ~1/sqrt(hidden): at this width GPT-2's 0.02 leaves attention too flat to learn copying quickly
     out_std = std / math.sqrt(2 * args.num_hidden_layers)
     with torch.no_grad():
@@ -433,11 +78,6 @@ def init_model(args, seed: int):
                 t.normal_(0.0, out_std)
             else:
                 t.normal_(0.0, std)
-    for moe in model.moe_layers:
-        ex = moe.experts
-        for n in ("w13", "w2"):
-            t = ex._buffers.pop(n)
-            ex.register_parameter(n, torch.nn.Parameter(t))
     return model
 
 
@@ -472,19 +112,33 @@ def routed_experts_train(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     return rows[inverse].view(t, k, -1).sum(1)
 
 
-def set_train_experts(model, fake_quant: bool | None) -> None:
-    """Route the MoE layers through :func:`routed_experts_train` (with INT4 fake quantization of the expert
-    weights when ``fake_quant``); ``None`` restores the model's own routed experts."""
-    for moe in model.moe_layers:
-        if fake_quant is None:
-            moe.set_routed(None)
-            continue
-        ex = moe.experts
-        if fake_quant:
-            moe.set_routed(lambda x, i, w, ex=ex: routed_experts_train(
-                x, i, w, fake_quant_int4(ex.w13), fake_quant_int4(ex.w2)))
-        else:
-            moe.set_routed(lambda x, i, w, ex=ex: routed_experts_train(x, i, w, ex.w13, ex.w2))
+class TrainableExperts(RoutedExperts):
+    """A layer's routed experts as trainable parameters (they are buffers for inference), with the same state-dict
+    keys. While training they compute through :func:`routed_experts_train`, with INT4 fake quantization of the
+    weights when ``fake_quant``; ``fake_quant=None`` is the model's own computation."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        for name in ("w13", "w2"):
+            t = getattr(self, name)
+            delattr(self, name)
+            self.register_parameter(name, torch.nn.Parameter(t))
+        self.fake_quant: bool | None = None
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.fake_quant is None:
+            return super().forward(x, topk_ids, topk_weights)
+        if self.fake_quant:
+            return routed_experts_train(x, topk_ids, topk_weights, fake_quant_int4(self.w13), fake_quant_int4(self.w2))
+        return routed_experts_train(x, topk_ids, topk_weights, self.w13, self.w2)
+
+
+def set_train_experts(model: KimiK2ForCausalLM, fake_quant: bool | None) -> None:
+    """Compute the routed experts through :func:`routed_experts_train` (with INT4 fake quantization of the expert
+    weights when ``fake_quant``); ``None`` restores the model's own computation."""
+    for m in model.modules():
+        if isinstance(m, TrainableExperts):
+            m.fake_quant = fake_quant
 
 
 class BalanceTracker:
@@ -533,44 +187,35 @@ def split_example(ids: list[int], mask: list[int], user_token: int) -> Example:
     return Example(tuple(ids[:cut]), ids[cut:], mask[cut:])
 
 
-class PackedMeta:
-    """Attention metadata of a packed micro-batch: ``mask[i, j]`` says whether token ``i`` may attend to ``j``."""
-
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
-
-
-def mla_packed_forward(attn, x, rope, cos_sin, meta: PackedMeta, kv_cache=None) -> torch.Tensor:
-    """``MLAttention`` over a packed micro-batch, for training: the module's own projections, norms, rope and
-    naive (non-absorbed) MLA math — as its prefill path — with one masked attention over all tokens instead of a
-    Python loop over sequences (whose backward costs O(sequences x tokens))."""
+def masked_attention(
+    attn: MLAttention, x: torch.Tensor, rope, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """``MLAttention`` over a packed micro-batch, for training: the module's own projections, norms and rope
+    (:meth:`~k2ray.model.mla.MLAttention.project`), then naive (non-absorbed) MLA math — as its prefill path — with
+    one masked attention over all tokens instead of a Python loop over sequences (whose backward costs
+    O(sequences x tokens)). ``mask[i, j]`` says whether token ``i`` may attend to token ``j``."""
     n = x.shape[0]
-    if attn.q_lora_rank:
-        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
-    else:
-        q = attn.q_proj(x)
-    q = q.view(n, attn.num_heads, attn.nope + attn.rope_dim)
-    q_nope, q_pe = q.split([attn.nope, attn.rope_dim], dim=-1)
-    c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([attn.kv_lora_rank, attn.rope_dim], dim=-1)
-    c_kv = attn.kv_a_layernorm(c_kv)
-    cos, sin = cos_sin
-    q_pe = rope.apply(q_pe, cos, sin)
-    k_pe = rope.apply(k_pe.unsqueeze(1), cos, sin).squeeze(1)
-    kv = attn.kv_b_proj(c_kv).view(n, attn.num_heads, attn.nope + attn.v_dim)
+    p = attn.project(x, rope, cos_sin)
+    kv = attn.kv_b_proj(p.c_kv).view(n, attn.num_heads, attn.nope + attn.v_dim)
     k_nope, v = kv.split([attn.nope, attn.v_dim], dim=-1)
-    scores = torch.einsum("qhd,khd->hqk", q_nope, k_nope) + torch.einsum("qhr,kr->hqk", q_pe, k_pe)
-    scores = (scores * attn.scale).masked_fill(~meta.mask, float("-inf"))
+    scores = torch.einsum("qhd,khd->hqk", p.q_nope, k_nope) + torch.einsum("qhr,kr->hqk", p.q_pe, p.k_pe)
+    scores = (scores * attn.scale).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     out = torch.einsum("hqk,khd->qhd", probs, v)
     return attn.o_proj(out.reshape(n, attn.num_heads * attn.v_dim))
 
 
-def set_packed_attention(model, on: bool) -> None:
+def forward_masked(
+    model: KimiK2ForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The model's forward (final-normed hidden states) with every layer's attention done by
+    :func:`masked_attention`: the same layers, residuals and norms as ``KimiK2ForCausalLM.forward``."""
+    x = model.model.embed_tokens(input_ids)
+    cos_sin = model.rope.cos_sin(positions, x.dtype)
     for layer in model.model.layers:
-        if on:
-            layer.self_attn.forward = (lambda attn: lambda *a, **k: mla_packed_forward(attn, *a, **k))(layer.self_attn)
-        else:
-            layer.self_attn.__dict__.pop("forward", None)
+        x = x + masked_attention(layer.self_attn, layer.input_layernorm(x), model.rope, cos_sin, mask)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.model.norm(x)
 
 
 def forward_packed(model, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -607,20 +252,18 @@ def forward_packed(model, batch: list[Example]) -> tuple[torch.Tensor, torch.Ten
     par = torch.tensor([parent[o] if o >= 0 else big for o in owner])  # a suffix token's prefix
     idx = torch.arange(len(flat))
     mask = ((own[:, None] == own[None, :]) & (idx[None, :] <= idx[:, None])) | (par[:, None] == own[None, :])
-    hidden = model(torch.tensor(flat), torch.tensor(positions), PackedMeta(mask))
+    hidden = forward_masked(model, torch.tensor(flat), torch.tensor(positions), mask)
     return hidden[torch.tensor(want_pos)], torch.tensor(want_tok)
 
 
 def check_packed(model, batch: list[Example]) -> float:
     """Max |logit difference| between the packed training path and the model's own ``forward_full``."""
     with torch.no_grad():
-        set_packed_attention(model, True)
         set_train_experts(model, False)
         try:
             hidden, _ = forward_packed(model, batch)
             packed = model.compute_logits(hidden)
         finally:
-            set_packed_attention(model, False)
             set_train_experts(model, None)
         full = [list(ex.prefix) + ex.suffix for ex in batch]
         logits = model.forward_full(full)
@@ -658,8 +301,6 @@ def train(model, data: list[Example], steps: int, batch_tokens: int, lr: float, 
     Curriculum: the first ``short_steps`` steps draw from ``short`` (the same dialogues without the tool
     declaration, so ~100 instead of ~200 tokens): in a short context attention finds the tokens worth copying
     (the city, the numbers) much sooner; afterwards the model learns the full-context format quickly."""
-    from tqdm.auto import tqdm
-
     g = torch.Generator().manual_seed(seed)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -669,7 +310,6 @@ def train(model, data: list[Example], steps: int, batch_tokens: int, lr: float, 
     balance = BalanceTracker(model, rate=1e-3)
     order: list[int] = []
     model.train()
-    set_packed_attention(model, True)
     set_train_experts(model, fake_quant=qat_from <= 0)
     bar = tqdm(range(steps), desc="train", dynamic_ncols=True, mininterval=1.0)
     ema = None
@@ -707,7 +347,6 @@ def train(model, data: list[Example], steps: int, batch_tokens: int, lr: float, 
         log.append({"step": step, "loss": lv, "lr": cur, "grad_norm": float(gn), "max_load": imb})
     bar.close()
     set_train_experts(model, None)
-    set_packed_attention(model, False)
     model.eval()
 
 
@@ -721,8 +360,6 @@ class _Generator:
 
     def __init__(self, model_dir: Path, max_tokens: int):
         self.max_tokens = max_tokens
-        from k2ray.tokenizer import KimiTokenizer
-
         self.tok = KimiTokenizer.from_dir(model_dir)
         self.stop = set(json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"])
         try:
@@ -769,15 +406,12 @@ def _tool_call_ok(parsed, check: dict) -> bool:
         args = json.loads(calls[0]["function"]["arguments"])
     except ValueError:
         return False
-    return args == check["args"] and calls[0]["id"] == f"functions.{check['tool']}:0"
+    return args == check["args"] and calls[0]["id"] == tool_call_id(check["tool"], 0)
 
 
 def evaluate(model_dir: Path, dialogs: list[Dialog], max_tokens: int = 96) -> dict:
     """Two rounds of greedy generation: first turn for every dialog; for tool dialogs whose call is well-formed the
     tool result (for the model's own arguments) is appended and the final answer is generated."""
-    from k2ray.tokenizer import ChatTemplate
-    from k2ray.tokenizer.parsers import parse_output
-
     ct = ChatTemplate.from_dir(model_dir)
     gen = _Generator(model_dir, max_tokens)
     t0 = time.time()
@@ -908,8 +542,8 @@ Exactly what a real K2-Thinking release looks like, at a tiny shape:
   kv_lora {kv_lora}), YaRN rope; vocabulary {base_vocab} BPE tokens + the 256 K2 special tokens at the K2 offsets.
 - Routed experts INT4 `pack-quantized` (compressed-tensors, symmetric, group 32: `weight_packed` / `weight_scale` /
   `weight_shape`); everything else bf16, `e_score_correction_bias` fp32; two safetensors shards + index.
-- `tiktoken.model`, `tokenizer_config.json`, `chat_template.jinja` (K2-Thinking chat format: `<think>` reasoning,
-  `<|tool_calls_section_begin|>` tool calls with ids `functions.NAME:IDX`, `## Return of ID` tool results).
+- `tiktoken.model`, `tokenizer_config.json`, `chat_template.jinja` (K2-Thinking chat format: `{think}` reasoning,
+  `{tool_section}` tool calls with ids `{tool_call_id}`, `## Return of ID` tool results).
 
 ## Tools it was trained with
 Declare them through the chat template's `tools` (the OpenAI `tools` field), this order or reversed:
@@ -918,7 +552,7 @@ Declare them through the chat template's `tools` (the OpenAI `tools` field), thi
 ```
 
 ## Training
-`python3 tools/train_demo.py` (deterministic: seed {seed}; fp32; {threads} CPU threads) builds {n_train} synthetic
+`k2ray train-demo` (deterministic: seed {seed}; fp32; {threads} CPU threads) builds {n_train} synthetic
 dialogues rendered with `chat_template.jinja` (default system prompt, the tools above declared), {kinds}; trains the
 k2ray model code itself with next-token loss on the assistant tokens only (AdamW, lr {lr}, {steps} steps of
 ~{batch_tokens} tokens, cosine decay, aux-loss-free expert balancing through `e_score_correction_bias`; the last
@@ -929,7 +563,7 @@ k2ray model code itself with next-token loss on the assistant tokens only (AdamW
 ## Evaluation (this INT4 checkpoint, greedy decoding through {backend})
 Held-out synthetic set: question phrasings never seen in training, new temperature/condition combinations, and
 arithmetic expressions (same operand ranges) that do not occur in the training corpus. Reproduce it with
-`python3 tools/train_demo.py --eval-only k2ray/assets/k2ray-demo`.
+`k2ray train-demo --eval-only k2ray/assets/k2ray-demo`.
 
 | measure | result |
 |---|---|
@@ -938,7 +572,7 @@ arithmetic expressions (same operand ranges) that do not occur in the training c
 | final answers correct: tool dialogues after the tool result + direct answers ({n_all}) | **{final_answers_correct:.1%}** |
 | &nbsp;&nbsp;weather (states the returned temperature and condition) / calculator (states the result) | {weather_final:.1%} / {calculator_final:.1%} |
 | &nbsp;&nbsp;direct answers, no tool call: sums state the result, capitals the city, facts and greetings word for word ({n_direct}) | {direct_answers:.1%} |
-| `<think>` reasoning present | {reasoning_present:.1%} |
+| `{think}` reasoning present | {reasoning_present:.1%} |
 | cities never seen in training ({n_unseen}): correct call / final answer | {unseen_city_call:.1%} / {unseen_city_final:.1%} |
 
 The last row is a probe, not a target: the model has only ever written the names of the {n_cities} training cities,
@@ -957,14 +591,12 @@ after the tool returns `{example_tool}`:
 
 
 def write_card(out: Path, info: dict) -> None:
-    (out / "README.md").write_text(CARD.format(**info))
+    fmt = dict(think=THINK_START, tool_section=TOOL_CALLS_SECTION_BEGIN, tool_call_id=f"{TOOL_CALL_ID_PREFIX}NAME:IDX")
+    (out / "README.md").write_text(CARD.format(**fmt, **info))
 
 
 def demo_example(model_dir: Path) -> tuple[str, str, str]:
     """The model card's example: the same conversation as tests/test_demo_model.py."""
-    from k2ray.tokenizer import ChatTemplate
-    from k2ray.tokenizer.parsers import parse_output
-
     ct = ChatTemplate.from_dir(model_dir)
     gen = _Generator(model_dir, 96)
     msgs = [{"role": "user", "content": "What's the weather in Paris?"}]
@@ -1008,10 +640,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(a: argparse.Namespace) -> int:
-    from k2ray.checkpoint.tiny import tiny_config, write_checkpoint
-    from k2ray.config import ModelArgs
-    from k2ray.tokenizer import ChatTemplate, write_tokenizer_files
-
     t_start = time.time()
     train_dialogs = make_train_dialogs(a.dialogs, a.seed)
     train_exprs = {d.check["expr"] for d in train_dialogs if d.kind == "calculator"}

@@ -8,11 +8,14 @@ parameter; the models here check types and the API's own rules (``top_logprobs``
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from k2ray.runtime.sampling import ParamError
 
 MAX_TOP_LOGPROBS = 20
 
@@ -106,7 +109,7 @@ class _SamplingFields(_Request):
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options: only allowed when stream is true")
+            raise ParamError("stream_options", "only allowed when stream is true")
         return self
 
 
@@ -128,9 +131,9 @@ class ChatCompletionRequest(_SamplingFields):
     def _checks(self):
         if self.top_logprobs is not None:
             if not self.logprobs:
-                raise ValueError("top_logprobs: requires logprobs to be true")
+                raise ParamError("top_logprobs", "requires logprobs to be true")
             if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise ValueError(f"top_logprobs: must be in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs})")
+                raise ParamError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs})")
         return self
 
     @property
@@ -150,11 +153,11 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _checks(self):
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs: must be in [0, {MAX_TOP_LOGPROBS}] (got {self.logprobs})")
+            raise ParamError("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}] (got {self.logprobs})")
         if self.suffix:
-            raise ValueError("suffix: not supported by this model")
+            raise ParamError("suffix", "not supported by this model")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of: only best_of == n is supported")
+            raise ParamError("best_of", "only best_of == n is supported")
         return self
 
 
@@ -170,7 +173,7 @@ class TokenizeRequest(_Request):
     @model_validator(mode="after")
     def _one_of(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("prompt: give exactly one of prompt or messages")
+            raise ParamError("prompt", "give exactly one of prompt or messages")
         return self
 
 
@@ -264,6 +267,60 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: UsageInfo
     system_fingerprint: Optional[str] = None
+
+
+# -- stream chunks ---------------------------------------------------------------------------------------------------
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, Any]  # {"role"}, {"content"}, {"reasoning_content"} or {"tool_calls": [...]}
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None  # sent only when set
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[UsageInfo] = None  # sent (null until the last chunk) only with stream_options.include_usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None  # sent only when set
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Optional[UsageInfo] = None
+
+
+def sse(chunk: BaseModel, include_usage: bool) -> str:
+    """One server-sent event. ``usage`` appears only when the client asked for it; ``stop_reason`` only when set."""
+    body = chunk.model_dump()
+    for c in body.get("choices", ()):
+        if c.get("stop_reason") is None:
+            c.pop("stop_reason", None)
+    if not include_usage:
+        body.pop("usage", None)
+    return "data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def sse_error(body: dict) -> str:
+    """An error inside a stream (after the 200 status went out): the error body as an event."""
+    return "data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
 
 
 class ModelCard(BaseModel):

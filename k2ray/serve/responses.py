@@ -1,0 +1,95 @@
+"""Answering a started request: collect the model group's chunks into the final object, or stream them as SSE, through
+an accumulator (:mod:`k2ray.serve.openai.accumulate`), recording the request metrics on the way."""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from k2ray import metrics
+from k2ray.serve import access_log
+from k2ray.serve.openai import protocol as P
+from k2ray.serve.openai.errors import from_exception, from_generate_error
+from k2ray.serve.router_client import OpenedStream, merged
+from k2ray.serve.wire import GenerateChunk, GenerateError
+
+
+class Responder:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self._ttft = metrics.TTFT.labels(model=model_name)
+        self._itl = metrics.ITL.labels(model=model_name)
+        self._e2e = metrics.E2E_LATENCY.labels(model=model_name)
+
+    def count_error(self, status: int) -> None:
+        metrics.REQUEST_ERRORS_TOTAL.inc(model=self.model_name, status=str(status))
+
+    def count_finished(self, reason) -> None:
+        metrics.REQUESTS_TOTAL.inc(model=self.model_name, finish_reason=reason or "unknown")
+
+    def _observe(self, t0: float, state: dict, chunk: GenerateChunk, timing: bool) -> None:
+        """TTFT/ITL (``timing``: for the first prompt of a batch only) and the access line's token count."""
+        now, n_new = time.monotonic(), chunk.num_new_tokens
+        access_log.note_tokens(n_new)
+        if n_new and timing:
+            last = state.get("last")
+            (self._ttft if last is None else self._itl).observe(now - (t0 if last is None else last))
+            state["last"] = now
+
+    async def answer(self, acc, opened: list[OpenedStream], t0: float, stream: bool, stream_options) -> Response:
+        access_log.note_prompt(sum(s.first.num_prompt_tokens or 0 for s in opened))
+        headers = {"x-request-id": acc.id, "x-k2ray-group": str(opened[0].first.model_group or "")}
+        if stream:
+            include_usage = bool(stream_options and stream_options.include_usage)
+            return StreamingResponse(self._events(acc, opened, t0, include_usage), media_type="text/event-stream",
+                                     headers=headers)
+        state: dict = {}
+        try:
+            async for j, item in merged(opened):
+                if isinstance(item, GenerateError):
+                    raise from_generate_error(item)
+                self._observe(t0, state, item, timing=j == 0)
+                acc.add(j, item)
+        except BaseException:
+            for s in opened:
+                s.cancel()
+            raise
+        self._e2e.observe(time.monotonic() - t0)
+        self.count_finished(acc.finish_reason)
+        return JSONResponse(acc.response().model_dump(), headers=headers)
+
+    async def _events(self, acc, opened: list[OpenedStream], t0: float, include_usage: bool) -> AsyncIterator[str]:
+        """The SSE stream: the accumulator's chunks as they come; an error mid-stream is one error event."""
+        done, state = False, {}
+        try:
+            for c in acc.start():
+                yield P.sse(c, include_usage)
+            async for j, item in merged(opened):
+                if isinstance(item, GenerateError):
+                    err = from_generate_error(item)
+                    self.count_error(err.status)
+                    yield P.sse_error(err.body())
+                    break
+                self._observe(t0, state, item, timing=j == 0)
+                for c in acc.add(j, item):
+                    yield P.sse(c, include_usage)
+            else:
+                self._e2e.observe(time.monotonic() - t0)
+                self.count_finished(acc.finish_reason)
+            if include_usage:
+                yield P.sse(acc.usage_chunk(), True)
+            yield P.SSE_DONE
+            done = True
+        except Exception as e:  # never a traceback on the wire
+            err = from_exception(e)
+            self.count_error(err.status)
+            yield P.sse_error(err.body())
+            yield P.SSE_DONE
+            done = True
+        finally:
+            if not done:  # the client went away: abort the request in the engine
+                for s in opened:
+                    s.cancel()
+                self.count_finished("abort")

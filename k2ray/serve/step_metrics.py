@@ -1,0 +1,91 @@
+"""Per-step metrics of a model group, recorded around its executor (never on the model's own path)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from k2ray import metrics
+from k2ray.runtime.step import Executor
+
+log = logging.getLogger("k2ray.serve.step_metrics")
+
+
+class MeteredExecutor:
+    """The group's executor (:class:`~k2ray.runtime.step.Executor`) seen through a wrapper that records per-step
+    metrics: step time by phase, mean all-to-all time per exchange, and tokens per (expert, shard)."""
+
+    def __init__(self, inner: Executor, model: str, expert_shards: int):
+        self.inner = inner
+        self._model = model
+        self._step = {ph: metrics.STEP_SECONDS.labels(model=model, phase=ph) for ph in ("prefill", "decode", "mixed")}
+        self._a2a = {op: metrics.ALL_TO_ALL_SECONDS.labels(model=model, op=op) for op in ("dispatch", "combine")}
+        args = inner.args
+        self._exchanges = max(1, len(args.moe_layers)) * inner.num_attention_workers
+        shards = expert_shards
+        # Flushed by the router's poller thread (flush_expert_load), not on the step path.
+        # Per-layer series only when the flag is on (K2RAY_METRICS_PER_LAYER_EXPERTS=1): then counts are 3-D.
+        self._per_layer = metrics.get_registry().per_layer_experts
+        self._layers = list(args.moe_layers)
+        self._tracker = metrics.ExpertLoadTracker(
+            model, args.n_routed_experts, shards, interval_s=float("inf"),
+            **({"num_layers": len(self._layers), "layer_ids": self._layers} if self._per_layer else {}),
+        )
+        self._tracker_lock = threading.Lock()
+        self._shards = shards
+
+    # -- the Executor contract, forwarded ---------------------------------------------------------------------------
+    args = property(lambda self: self.inner.args)
+    block_size = property(lambda self: self.inner.block_size)
+    num_kv_blocks = property(lambda self: self.inner.num_kv_blocks)
+    num_attention_workers = property(lambda self: self.inner.num_attention_workers)
+    failed = property(lambda self: self.inner.failed)
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+    def rebuild(self) -> None:
+        self.inner.rebuild()
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def execute(self, step):
+        t0 = time.perf_counter()
+        out = self.inner.execute(step)
+        dt = time.perf_counter() - t0
+        if step.seqs:
+            try:
+                prefill = any(len(s.token_ids) > 1 or s.sample is None for s in step.seqs)
+                decode = any(len(s.token_ids) == 1 and s.sample is not None for s in step.seqs)
+                phase = "mixed" if prefill and decode else ("prefill" if prefill else "decode")
+                self._step[phase].observe(dt)
+                stats = out.stats or {}
+                for op in ("dispatch", "combine"):
+                    v = stats.get(f"{op}_s")
+                    if v:
+                        self._a2a[op].observe(v / self._exchanges)
+                et = stats.get("expert_tokens")
+                if et:
+                    import numpy as np
+
+                    n_exp = self.inner.args.n_routed_experts
+                    if self._per_layer:
+                        counts = np.zeros((len(self._layers), n_exp, self._shards), dtype=np.int64)
+                        index = {layer: i for i, layer in enumerate(self._layers)}
+                        for (layer, e, s), n in stats.get("expert_layer_tokens", {}).items():
+                            counts[index[layer], e, s] += n
+                    else:
+                        counts = np.zeros((n_exp, self._shards), dtype=np.int64)
+                        for (e, s), n in et.items():
+                            counts[e, s] += n
+                    with self._tracker_lock:
+                        self._tracker.add(counts)
+            except Exception:  # metrics never break a step
+                log.debug("step metrics failed", exc_info=True)
+        return out
+
+    def flush_expert_load(self) -> None:
+        with self._tracker_lock:
+            self._tracker.flush()
