@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from k2ray.runtime.sampling import ParamError
+from k2ray.tokenizer import kimi_format as K
 
 MAX_TOP_LOGPROBS = 20
 
@@ -49,7 +50,7 @@ class StreamOptions(_Request):
 def _check_function_name(name: str) -> str:
     # Kimi writes calls as ``functions.NAME:IDX`` between special tokens: a name with whitespace or a marker could
     # never come back as a call.
-    if any(c.isspace() or ord(c) < 0x20 for c in name) or "<|" in name or "<think>" in name or "</think>" in name:
+    if any(c.isspace() or ord(c) < 0x20 for c in name) or "<|" in name or any(m in name for m in K.THINK_MARKERS):
         raise ValueError(f"function name {name!r} must not contain whitespace, control characters or special tokens")
     return name
 
