@@ -377,6 +377,17 @@ class EngineConfig(BaseModel):
     # Routed experts: "int4" keeps INT4 checkpoints packed for the W4A16 kernel, "dequantized" expands them to the
     # compute dtype; "auto" packs on CUDA (a quarter of the memory) and dequantizes on CPU (faster torch path).
     expert_format: Literal["auto", "dequantized", "int4"] = "auto"
+    # Wall-clock budget for compiling one request's grammar (JSON schema, tools, regex, EBNF); a grammar that takes
+    # longer is refused as a 400 naming the part at fault (xgrammar keeps compiling it in the background, into its
+    # cache, but no request waits for it).
+    grammar_compile_timeout_s: float = 10.0
+
+    @field_validator("grammar_compile_timeout_s")
+    @classmethod
+    def _positive_float(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be positive")
+        return v
 
     @field_validator("block_size", "max_num_seqs", "max_num_batched_tokens")
     @classmethod

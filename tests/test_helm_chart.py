@@ -445,13 +445,26 @@ def _compare_with_deploy_file(rendered: dict, deploy: dict) -> None:
         assert ServeArgs.model_validate(got["args"]) == ServeArgs.model_validate(want["args"])
         assert {d["name"]: d for d in got["deployments"]} == {d["name"]: d for d in want["deployments"]}
         assert got == want
-    assert rendered["http_options"] == deploy["http_options"]
+    # the same proxy options, but inside a pod the proxy listens on all interfaces (the deploy file may bind loopback)
+    assert {k: v for k, v in rendered["http_options"].items() if k != "host"} == \
+        {k: v for k, v in deploy["http_options"].items() if k != "host"}
+    assert rendered["http_options"]["host"] == "0.0.0.0"
     assert rendered["proxy_location"] == deploy["proxy_location"]
 
 
 def test_default_serve_config_is_deploy_config(chart):
     deploy = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
     _compare_with_deploy_file(serve_config(case_objects(chart, "default")), deploy)
+
+
+def test_http_options_keep_the_pod_bind(chart):
+    """serve.httpOptions (the deploy files' proxy timeouts) render into http_options, but the proxy always listens on
+    all of the pod's interfaces at serve.port: KubeRay's Service targets the pod IP."""
+    http = serve_config(case_objects(chart, "default"))["http_options"]
+    assert http["host"] == "0.0.0.0" and http["port"] == 8000 and http["keep_alive_timeout_s"] >= 1
+    for bad in ({"host": "127.0.0.1"}, {"port": 9000}, {"keep_alive_timeout_s": 0}):
+        with pytest.raises(helm.HelmValuesError):
+            render(chart, {"serve": {"httpOptions": bad}})
 
 
 def test_kimi_serve_config_matches_deploy_file_when_present(chart):

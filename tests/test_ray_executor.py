@@ -145,3 +145,15 @@ def test_more_shards_than_experts_rejected(tiny_weights_dir):
 
     with pytest.raises(ConfigError, match="expert_shards=64 exceeds"):
         RayExecutor(tiny_weights_dir, ENGINE, ParallelConfig(executor="ray", expert_shards=64))
+
+
+def test_group_failure_reasons_carry_no_internals():
+    """Why a group failed reaches /health and logs' one-liners: the worker's own error, never Ray's task repr, a pid,
+    an address or a path."""
+    from k2ray.executor.ray import _short
+
+    raw = RuntimeError("ray::AttentionWorker.execute() (pid=4242, ip=10.1.2.3, actor_id=ab12, repr=<AttentionWorker>)\n"
+                       "  File \"/srv/app/k2ray/runtime/runner.py\", line 7\nIndexError: index 2304 is out of bounds")
+    assert _short(raw) == "RuntimeError: IndexError: index 2304 is out of bounds"
+    msg = _short(RuntimeError("gloo connect to 10.1.2.3:29500 failed (pid=77) in /tmp/ray/session/x.py"))
+    assert "10.1.2.3" not in msg and "77" not in msg and "/tmp" not in msg and msg.startswith("RuntimeError: gloo")

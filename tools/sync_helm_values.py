@@ -1,6 +1,6 @@
 """Copy the application of deploy/*.yaml into the Helm chart's values (Helm cannot read files outside the chart).
 
-    python tools/sync_helm_values.py          # rewrite serve.args / serve.deployments of both values files
+    python tools/sync_helm_values.py          # rewrite serve.httpOptions / args / deployments of both values files
     python tools/sync_helm_values.py --check  # exit 1 if they differ (tests/test_helm_chart.py checks this too)
 """
 
@@ -18,18 +18,27 @@ PAIRS = [
 ]
 
 
+# The chart owns these: the proxy binds 0.0.0.0 inside the pod (KubeRay's Service targets the pod IP) on serve.port.
+CHART_HTTP_KEYS = ("host", "port")
+
+
 def block(deploy_file: str) -> str:
-    app = yaml.safe_load((ROOT / deploy_file).read_text())["applications"][0]
+    cfg = yaml.safe_load((ROOT / deploy_file).read_text())
+    app = cfg["applications"][0]
+    http = {k: v for k, v in cfg.get("http_options", {}).items() if k not in CHART_HTTP_KEYS}
     deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
-    body = yaml.safe_dump({"args": app["args"], "deployments": deployments}, sort_keys=False, width=120)
-    lines = [f"  # args and deployments: generated from {deploy_file} by tools/sync_helm_values.py"]
+    body = yaml.safe_dump({"httpOptions": http, "args": app["args"], "deployments": deployments}, sort_keys=False,
+                          width=120)
+    lines = ["  # httpOptions (http_options but host and port), args and deployments:",
+             f"  # generated from {deploy_file} by tools/sync_helm_values.py"]
     lines += ["  " + line if line else line for line in body.splitlines()]
     return "\n".join(lines) + "\n"
 
 
 def synced(values_text: str, deploy_file: str) -> str:
     lines = values_text.splitlines(keepends=True)
-    start = next(i for i, line in enumerate(lines) if line.startswith("  args:") or line.startswith("  # args and"))
+    start = next(i for i, line in enumerate(lines)
+                 if line.startswith(("  args:", "  # args and", "  httpOptions:", "  # httpOptions")))
     # The block ends at the first line after `deployments:` that is neither indented deeper nor blank/comment-only
     # inside it: a serve-level key (two spaces) other than args/deployments, or a top-level key.
     dep = next(i for i in range(start, len(lines)) if lines[i].startswith("  deployments:"))

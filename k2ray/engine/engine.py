@@ -16,7 +16,9 @@ Asynchronous use (the Serve router): ``async for out in engine.stream(prompt, pa
 background thread that owns the scheduler and runs steps while there is work; requests and aborts reach it through
 an inbox (:class:`~k2ray.engine.messages.Add`, :class:`~k2ray.engine.messages.Abort`), outputs go back to each
 stream's event loop. If the executor raises, every open stream receives :class:`EngineDeadError` (with the cause) and
-the engine refuses new work; :meth:`LLMEngine.shutdown` stops the loop and the executor.
+the engine refuses new work; :meth:`LLMEngine.shutdown` stops the loop and the executor. A failure that belongs to
+one sequence (building its input, its sampling, processing its output) is not the executor's: that request alone
+finishes with ``finish_reason="error"`` and :attr:`RequestOutput.error` set, and the step goes on for the others.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.input_processor = InputProcessor(self.args, tokenizer, self.eos_token_ids, self.max_model_len, capacity)
+        self.input_processor = InputProcessor(self.args, tokenizer, self.eos_token_ids, self.max_model_len, capacity,
+                                              config.grammar_compile_timeout_s)
         self.work_builder = WorkBuilder(self.input_processor.grammars)
         self.output_processor = OutputProcessor(self.scheduler, self.eos_token_ids, self.max_model_len)
         self._requests: dict[str, Request] = {}
@@ -207,10 +210,17 @@ class LLMEngine:
             self.last_step_stats = None
             return []
         built = self._build(sched.scheduled)
+        failed = self._fail_unbuilt(built)
+        # Chunks of requests that failed while building (a sibling's matcher, ...) leave the step too.
+        keep = [i for i, c in enumerate(built.scheduled) if not c.seq.finished]
+        scheduled = [built.scheduled[i] for i in keep]
+        step_input = built.step_input
+        if len(keep) != len(step_input.seqs):
+            step_input = StepInput([step_input.seqs[i] for i in keep])
         t1 = time.perf_counter()
-        result = self._execute(built.step_input, sched.scheduled)
+        result = self._execute(step_input, scheduled) if scheduled else StepOutput()
         t2 = time.perf_counter()
-        outputs = self._update(sched.scheduled, result)
+        outputs = [self._retire(req) for req in failed] + self._update(scheduled, result)
         t3 = time.perf_counter()
         self._record(StepStats(
             schedule_s=t1 - t0, execute_s=t2 - t1, process_s=t3 - t2,
@@ -220,6 +230,17 @@ class LLMEngine:
             num_constrained=built.num_constrained, executor=result.stats or {},
         ))
         return outputs
+
+    def _fail_unbuilt(self, built: BuiltStep) -> list[Request]:
+        """Fail the requests whose work could not be built (only them); returns them, each once."""
+        failed: dict[str, Request] = {}
+        for c, what in built.failed:
+            req = c.seq.request
+            if req.request_id not in failed:
+                self.output_processor.fail_request(req, what)
+                failed[req.request_id] = req
+        self.num_finished += len(failed)
+        return list(failed.values())
 
     def _build(self, scheduled: list[ScheduledSeq]) -> BuiltStep:
         """The executor's input for the scheduled chunks; requests running for the first time end their queue time."""
@@ -235,7 +256,8 @@ class LLMEngine:
         return self.work_builder.build(scheduled)
 
     def _execute(self, step_input: StepInput, scheduled: list[ScheduledSeq]) -> StepOutput:
-        """Run the model; a failure (or a missing result) ends every request and the engine."""
+        """Run the model; a failure (or a missing result) ends every request and the engine. (A failure of one
+        sequence's sampling is not one: its result comes back without a sample and only its request fails.)"""
         try:
             result = self.executor.execute(step_input)
             missing = next((c.seq.seq_id for c in scheduled if c.seq.seq_id not in result.results), None)

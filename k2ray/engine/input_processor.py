@@ -51,7 +51,7 @@ def load_tokenizer(model_dir: str | Path):
 
 class InputProcessor:
     def __init__(self, args: ModelArgs, tokenizer, eos_token_ids: AbstractSet[int], max_model_len: int,
-                 cache_tokens: int):
+                 cache_tokens: int, grammar_compile_timeout_s: float = 10.0):
         self.args = args
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -63,6 +63,7 @@ class InputProcessor:
         self._reserved_ids: set[str] = set()  # ids of requests prepared and not yet retired
         self._structured: Optional["StructuredOutputs"] = None  # built on the first constrained request
         self._structured_lock = threading.Lock()
+        self.grammar_compile_timeout_s = grammar_compile_timeout_s
 
     def prepare(self, prompt: Prompt, params: SamplingParams | dict | None, request_id: Optional[str] = None,
                 arrival_time: Optional[float] = None) -> Request:
@@ -140,7 +141,8 @@ class InputProcessor:
                 from k2ray.engine.structured import StructuredOutputs
 
                 stops = sorted(set(self.tokenizer.stop_token_ids) | set(self.eos_token_ids))
-                self._structured = StructuredOutputs(self.tokenizer, self.args.vocab_size, stops)
+                self._structured = StructuredOutputs(self.tokenizer, self.args.vocab_size, stops,
+                                                     compile_timeout_s=self.grammar_compile_timeout_s)
             return self._structured
 
     def _make_request(self, request_id: str, ids: list[int], params: SamplingParams, text: Optional[str],

@@ -4,6 +4,9 @@ Per sampled token: the grammar accepts it, it is appended with its logprobs, :fu
 decides on stop tokens and length, and — unless it is a stop token — it is detokenized incrementally and the new text
 searched for stop strings. A finished sequence leaves the scheduler at once (its cache blocks are freed in the same
 step). Outputs are cumulative and carry the deltas since the request's previous output (what a stream sends next).
+
+A failure that belongs to one sequence (no sample for it, its detokenizer or grammar matcher raising, ...) ends that
+sequence's request with an error (:meth:`OutputProcessor.fail_request`); the other requests of the step go on.
 """
 
 from __future__ import annotations
@@ -34,14 +37,31 @@ class OutputProcessor:
         touched: dict[str, Request] = {}
         for c in scheduled:
             seq = c.seq
-            res = results[seq.seq_id]
             req = seq.request
-            if res.prompt_logprobs is not None and req.prompt_logprobs is not None:
-                _append_prompt_logprobs(req, res.prompt_logprobs)
-            if c.sample:
-                self._append_token(seq, res.sample)
+            if seq.finished:  # a sibling sequence failed earlier in this step and took the request with it
+                continue
+            try:
+                res = results[seq.seq_id]
+                if res.prompt_logprobs is not None and req.prompt_logprobs is not None:
+                    _append_prompt_logprobs(req, res.prompt_logprobs)
+                if c.sample:
+                    if res.sample is None:
+                        self.fail_request(req, "sampling failed")  # the runner logged why
+                    else:
+                        self._append_token(seq, res.sample)
+                    touched[req.request_id] = req
+            except Exception as e:
+                log.exception("sequence %s of request %s: processing its output raised", seq.seq_id, req.request_id)
+                self.fail_request(req, f"processing its output failed ({type(e).__name__})")
                 touched[req.request_id] = req
         return list(touched.values())
+
+    def fail_request(self, req: Request, what: str) -> None:
+        """End every sequence of ``req`` with an error saying ``what`` failed (no exception text: it may name files)."""
+        req.error = f"internal error in this request: {what}; other requests are not affected"
+        for s in req.seqs:
+            if not s.finished:
+                self.scheduler.finish(s, FinishReason.ERROR)
 
     def _append_token(self, seq: Sequence, s: Sample) -> None:
         tok = s.token_id

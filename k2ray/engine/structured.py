@@ -15,10 +15,11 @@ an empty spelling, which xgrammar never allows. Ordinary tokens holding other co
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import math
 import re
-import threading
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -41,22 +42,34 @@ def _sentinel(marker: str) -> str:
     return "\x01" + marker + "\x02"
 
 
-def _harden_schema(node: Any) -> Any:
+def _length_bound(value: Any, key: str, param: str) -> int:
+    """A ``minLength``/``maxLength`` value: a non-negative integer (JSON may spell it 3.0), else the request is bad."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not (ok and value == int(value) and value >= 0):
+        raise GrammarError(param, f"{key} must be a non-negative integer (got {json.dumps(value)[:40]})")
+    return int(value)
+
+
+def _harden_schema(node: Any, param: str = "json_schema") -> Any:
     """Rewrite length-bounded plain strings as an equivalent pattern that excludes control characters.
 
     xgrammar 0.2.x compiles ``minLength``/``maxLength`` strings to a character class that admits raw control bytes
-    (invalid JSON, and a way to reach marker sentinels); a pattern keeps the bound and the JSON rules.
+    (invalid JSON, and a way to reach marker sentinels); a pattern keeps the bound and the JSON rules. A bound that is
+    not a non-negative integer is a :class:`GrammarError` naming ``param``.
     """
     if isinstance(node, list):
-        return [_harden_schema(x) for x in node]
+        return [_harden_schema(x, param) for x in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _harden_schema(v) for k, v in node.items()}
+    out = {k: _harden_schema(v, param) for k, v in node.items()}
     bounded = "minLength" in out or "maxLength" in out
     plain = not any(k in out for k in ("pattern", "format", "enum", "const"))
     if out.get("type") == "string" and bounded and plain:
-        lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = "^[^\"\\\\\\x00-\\x1f]{%d,%s}$" % (lo, "" if hi is None else int(hi))
+        lo = _length_bound(out.pop("minLength", 0), "minLength", param)
+        hi = _length_bound(out.pop("maxLength"), "maxLength", param) if "maxLength" in out else None
+        if hi is not None and hi < lo:
+            raise GrammarError(param, f"maxLength {hi} is below minLength {lo}")
+        out["pattern"] = "^[^\"\\\\\\x00-\\x1f]{%d,%s}$" % (lo, "" if hi is None else hi)
     return out
 
 
@@ -67,7 +80,7 @@ def _tool_format(guided: GuidedDecoding) -> dict:
     tools = [dict(t) if isinstance(t, dict) else t for t in guided.tools or []]
     for t in tools:
         if isinstance(t, dict) and isinstance(t.get("function"), dict) and "parameters" in t["function"]:
-            t["function"] = {**t["function"], "parameters": _harden_schema(t["function"]["parameters"])}
+            t["function"] = {**t["function"], "parameters": _harden_schema(t["function"]["parameters"], "tools")}
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -109,7 +122,8 @@ def _body_format(guided: GuidedDecoding) -> dict:
                 raise GrammarError("json_schema", f"not valid JSON: {e}") from None
         if not isinstance(schema, dict):
             raise GrammarError("json_schema", "a JSON schema must be an object")
-        return {"type": "json_schema", "json_schema": _harden_schema(schema), "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+        return {"type": "json_schema", "json_schema": _harden_schema(schema, "json_schema"),
+                "max_whitespace_cnt": MAX_JSON_WHITESPACE}
     if guided.regex is not None:
         return {"type": "regex", "pattern": guided.regex}
     if guided.choice is not None:
@@ -158,7 +172,8 @@ class GrammarMatcher:
 class StructuredOutputs:
     """Per model: the grammar vocabulary, a compiler with a cache, and batched mask computation."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], threads: int = 2):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], threads: int = 2,
+                 compile_timeout_s: float = 10.0):
         import xgrammar as xgr
 
         self.vocab_size = vocab_size
@@ -176,21 +191,34 @@ class StructuredOutputs:
             vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
         )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads, cache_enabled=True)
-        self._lock = threading.Lock()
+        self.compile_timeout_s = compile_timeout_s
+        # xgrammar's compile cannot be interrupted (C++): it runs on these threads and the caller stops waiting
+        # after the budget. Two of them bound the CPU that runaway grammars can take; the budget counts the wait for
+        # a free one too, so a backlog is refused rather than queued without end.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="k2ray-grammar")
 
     def compile(self, guided: GuidedDecoding):
-        text = structural_tag(guided)
+        """The compiled grammar (from xgrammar's cache when seen before). Raises :class:`GrammarError` naming the
+        part at fault for an invalid grammar or one that does not compile within ``compile_timeout_s``."""
+        what = "json_schema" if guided.json_schema is not None or guided.json_object else (
+            "regex" if guided.regex is not None else "tools" if guided.tools is not None else "grammar"
+        )
         try:
-            with self._lock:
-                return self.compiler.compile_structural_tag(text)
+            text = structural_tag(guided)
         except GrammarError:
             raise
+        except Exception as e:  # a schema value of the wrong type deep inside, ...: the request's fault
+            raise GrammarError(what, f"invalid: {type(e).__name__}: {str(e)[:200]}") from None
+        future = self._pool.submit(self.compiler.compile_structural_tag, text)
+        try:
+            return future.result(timeout=self.compile_timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # if it never started; a running compile finishes into the cache unobserved
+            raise GrammarError(what, f"too complex: compiling it took longer than {self.compile_timeout_s:g}s"
+                               ) from None
         except Exception as e:
-            what = "json_schema" if guided.json_schema is not None or guided.json_object else (
-                "regex" if guided.regex is not None else "tools" if guided.tools is not None else "grammar"
-            )
             # (xgrammar prefixes its messages with a time and its C++ source location: not for API clients)
-            reason = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", str(e).splitlines()[0])
+            reason = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", (str(e).splitlines() or [type(e).__name__])[0])
             raise GrammarError(what, f"cannot compile: {reason[:300]}") from None
 
     def matcher(self, guided: GuidedDecoding) -> GrammarMatcher:

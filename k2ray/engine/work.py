@@ -2,13 +2,16 @@
 
 For every scheduled chunk: its tokens, block table and attention rank; a sampling request when the chunk reaches the
 last known token (stop tokens banned before ``min_tokens``); the prompt-logprob request while the first completion
-runs through its prompt; and, for sequences under a grammar, the token mask the sampler applies.
+runs through its prompt; and, for sequences under a grammar, the token mask the sampler applies. A sequence whose work
+cannot be built (its grammar matcher raising, ...) is left out of the step and reported in ``BuiltStep.failed``: the
+engine fails its request alone.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from k2ray.engine.request import Sequence
@@ -19,12 +22,17 @@ from k2ray.runtime.step import SeqWork, StepInput
 if TYPE_CHECKING:  # pragma: no cover
     from k2ray.engine.structured import StructuredOutputs
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class BuiltStep:
     step_input: StepInput
     grammar_mask_s: float  # time spent computing grammar masks
     num_constrained: int  # sequences sampled under a grammar
+    # Chunks left out of step_input because building their work raised, with what failed (no exception text).
+    failed: list[tuple[ScheduledSeq, str]] = field(default_factory=list)
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # the chunks in step_input, in its order
 
 
 class WorkBuilder:
@@ -33,18 +41,48 @@ class WorkBuilder:
         self.grammar_mask_time_s = 0.0  # total over all steps
 
     def build(self, scheduled: list[ScheduledSeq]) -> BuiltStep:
-        works = [self._work(c) for c in scheduled]
-        constrained = [(c.seq.matcher, w.sample) for c, w in zip(scheduled, works)
-                       if c.sample and c.seq.matcher is not None]
-        mask_s = 0.0
+        failed: list[tuple[ScheduledSeq, str]] = []
+        kept: list[tuple[ScheduledSeq, SeqWork]] = []
+        for c in scheduled:
+            try:
+                kept.append((c, self._work(c)))
+            except Exception:
+                log.exception("building the step for sequence %d raised", c.seq.seq_id)
+                failed.append((c, "preparing its model input failed"))
+        constrained = [(c, w.sample) for c, w in kept if c.sample and c.seq.matcher is not None]
+        mask_s, num_bad = 0.0, 0
         if constrained:
             t0 = time.perf_counter()
-            masks = self._grammars().allowed_masks([m for m, _ in constrained])  # bool [vocab] each
-            for (_, sr), mask in zip(constrained, masks):
-                sr.allowed_mask = mask
+            bad = self._masks(constrained)
             mask_s = time.perf_counter() - t0
             self.grammar_mask_time_s += mask_s
-        return BuiltStep(StepInput(works), mask_s, len(constrained))
+            if bad:
+                num_bad = len(bad)
+                failed += [(c, "computing its grammar mask failed") for c in bad]
+                bad_ids = {id(c) for c in bad}
+                kept = [(c, w) for c, w in kept if id(c) not in bad_ids]
+        return BuiltStep(StepInput([w for _, w in kept]), mask_s, len(constrained) - num_bad, failed,
+                         [c for c, _ in kept])
+
+    def _masks(self, constrained: list) -> list[ScheduledSeq]:
+        """Set each constrained row's allowed mask (batched); the chunks whose matcher raised, found row by row."""
+        grammars = self._grammars()
+        try:
+            masks = grammars.allowed_masks([c.seq.matcher for c, _ in constrained])  # bool [vocab] each
+        except Exception:
+            log.warning("batched grammar masks raised; computing them one by one", exc_info=True)
+        else:
+            for (_, sr), mask in zip(constrained, masks):
+                sr.allowed_mask = mask
+            return []
+        bad = []
+        for c, sr in constrained:
+            try:
+                sr.allowed_mask = grammars.allowed_masks([c.seq.matcher])[0]
+            except Exception:
+                log.exception("grammar mask of sequence %d raised", c.seq.seq_id)
+                bad.append(c)
+        return bad
 
     def _work(self, c: ScheduledSeq) -> SeqWork:
         seq = c.seq

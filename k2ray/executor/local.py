@@ -31,6 +31,10 @@ class LocalExecutor:
     def describe(self) -> dict:
         return {"executor": "local", "device": self.device}
 
+    def heartbeat(self, timeout_s: float = 1.0) -> str | None:
+        """Nothing remote that could have died (see :meth:`RayExecutor.heartbeat`)."""
+        return None
+
     def rebuild(self) -> None:
         self.__init__(self.model_dir, self.engine, self.device)
 

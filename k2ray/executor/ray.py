@@ -4,11 +4,13 @@ The object that owns it (``LLM`` in-process, or the K2Router Serve replica) driv
 call per worker (the sequences split by attention rank, plus every worker's token count); tensors between workers travel
 only through the group's collectives. Any failure — a dead actor, a stalled collective — tears the group down and
 raises :class:`ExecutorError` within ``collective_timeout_s``; :meth:`RayExecutor.rebuild` starts a fresh group.
+Between steps, :meth:`RayExecutor.heartbeat` finds a worker that died while the group was idle.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -175,6 +177,32 @@ class RayExecutor:
                 pass
             self.pg = None
 
+    def heartbeat(self, timeout_s: float = 1.0) -> str | None:
+        """Ping every worker (call it between steps, from any thread): why the group is broken if a worker is dead
+        (``failed`` is set then; the owner rebuilds), else None. A worker that is merely slow to answer within
+        ``timeout_s`` is not judged: a stalled group is found by the next step's collective timeout."""
+        if self.failed:
+            return self.failed
+        names = [f"attention worker {i}" for i in range(len(self.attention))]
+        names += [f"expert shard {s}" for s in range(len(self.shards))]
+        workers = self.attention + self.shards
+        if not workers:
+            return None
+        refs = [w.ping.remote() for w in workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        done = set(ready)
+        for name, ref in zip(names, refs):
+            if ref not in done:
+                continue
+            try:
+                ray.get(ref, timeout=0)
+            except Exception as e:
+                # The cause (with the actor's pid and address) goes to the log only; the reason stays short.
+                log.error("model group: %s died while idle: %s", name, _short(e))
+                self.failed = f"model group: {name} died (found while idle)"
+                return self.failed
+        return None
+
     def rebuild(self) -> None:
         """Replace every actor of the group (new processes, new process group, weights reloaded)."""
         self._teardown()
@@ -233,7 +261,18 @@ class RayExecutor:
         return StepOutput(results=results, stats=stats)
 
 
+# What a Ray error says of where it happened: kept out of messages that reach clients (/health, error bodies).
+_INTERNALS = re.compile(r"\b(?:pid|ip|actor_id|node_id|task_id|repr|name|namespace)=[^,)\s]+,?\s*"
+                        r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|(?:/[\w.@-]+){2,}")
+
+
 def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    first = next((line for line in text if line.strip()), type(e).__name__)
-    return f"{type(e).__name__}: {first[:300]}"
+    """One line of what went wrong: the worker's own exception (not Ray's task wrapper), without pids, addresses
+    or paths."""
+    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+        e = e.cause
+    lines = [ln.strip() for ln in str(e).splitlines()
+             if ln.strip() and not ln.startswith("ray::") and not ln.strip().startswith("File ")]
+    errors = [ln for ln in lines if re.match(r"\w+(Error|Exception)\b", ln)]  # a traceback's last line
+    first = _INTERNALS.sub("", (errors or lines or [""])[-1 if errors else 0]).strip()
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__

@@ -1,16 +1,29 @@
 """Runs one attention worker's share of a step: flatten, forward through the paged cache, sample.
 
 Shared by the local executor and the Ray attention worker, so both run exactly the same code.
+
+Sampling is per row (a row's token depends on that row only), so when the batched sampler raises, the rows are sampled
+one by one and only the rows that still raise fail: their :class:`~k2ray.runtime.step.SeqResult` carries no sample,
+which the engine answers by failing that one request. The model step itself has no such rows: if it raises, the step
+fails as a whole.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from k2ray.runtime.sampling import sample
+from k2ray.runtime.sampling import Sample, SampleRequest, sample
 from k2ray.runtime.step import SeqResult, SeqWork
 from k2ray.model.attention_metadata import AttentionMetadata, SeqSlice
 from k2ray.model.model import KimiK2ForCausalLM
+
+log = logging.getLogger(__name__)
+
+# Test-only fault injection: sampling raises for the rows of these sequence ids (tests/engine/test_isolation.py).
+# Empty in production; nothing else reads it.
+FAIL_SAMPLING_FOR_SEQ_IDS: set[int] = set()
 
 
 class ModelRunner:
@@ -57,7 +70,7 @@ class ModelRunner:
         rows = [sl.q_start + sl.q_len - 1 for s, sl in zip(seqs, slices) if s.sample is not None]
         if rows:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
-            samples = iter(sample(logits, [s.sample for s in seqs if s.sample is not None]))
+            samples = iter(_sample_isolated(logits, [s for s in seqs if s.sample is not None]))
             for s, r in zip(seqs, results):
                 if s.sample is not None:
                     r.sample = next(samples)
@@ -80,3 +93,27 @@ class ModelRunner:
                 top = list(zip(idx.tolist(), vals.tolist()))
             out.append((float(row[t]), top))
         return out
+
+
+def _sample_one_batch(logits: torch.Tensor, works: list[SeqWork]) -> list[Sample]:
+    bad = next((w.seq_id for w in works if w.seq_id in FAIL_SAMPLING_FOR_SEQ_IDS), None)
+    if bad is not None:
+        raise RuntimeError(f"injected sampling failure for sequence {bad}")
+    reqs: list[SampleRequest] = [w.sample for w in works]
+    return sample(logits, reqs)
+
+
+def _sample_isolated(logits: torch.Tensor, works: list[SeqWork]) -> list[Sample | None]:
+    """One sample per row; None for a row whose sampling raises (the other rows are unaffected)."""
+    try:
+        return _sample_one_batch(logits, works)
+    except Exception:
+        log.warning("batched sampling raised; sampling %d rows one by one", len(works), exc_info=True)
+    out: list[Sample | None] = []
+    for i, w in enumerate(works):
+        try:
+            out.append(_sample_one_batch(logits[i : i + 1], [w])[0])
+        except Exception:
+            log.exception("sampling sequence %d raised; only its request fails", w.seq_id)
+            out.append(None)
+    return out

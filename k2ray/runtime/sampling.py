@@ -23,6 +23,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from k2ray.runtime.guided import GuidedDecoding
 
 _MAX_LOGPROBS = 20
+# Stop strings are matched against each step's new text (plus a tail of the longest one): these bounds keep that
+# work per token small whatever a client sends.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (dividing by them would overflow)
 
 
@@ -90,6 +94,12 @@ class SamplingParams(BaseModel):
         for name, ok, msg in checks:
             if not ok:
                 raise ParamError(name, f"{msg} (got {getattr(self, name)!r})")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ParamError("stop", f"at most {MAX_STOP_STRINGS} stop strings (got {len(self.stop)})")
+        longest = max((len(x) for x in self.stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise ParamError("stop", f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters "
+                                     f"(got one of {longest})")
         return self
 
     @classmethod

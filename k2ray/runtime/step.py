@@ -60,4 +60,6 @@ class Executor(Protocol):
 
     def rebuild(self) -> None: ...  # start again after a failure: new workers, weights reloaded
 
+    def heartbeat(self, timeout_s: float) -> Optional[str]: ...  # between steps: why the group broke, else None
+
     def shutdown(self) -> None: ...

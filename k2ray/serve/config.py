@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator
 
 from k2ray.checkpoint.builtin import default_served_name
-from k2ray.config import EngineConfig, ParallelConfig
+from k2ray.config import ConfigError, EngineConfig, ParallelConfig
+
+KEYS_ENV = "K2RAY_API_KEYS"  # comma- or newline-separated; the Helm chart sets it from a Secret
 
 
 class ServeArgs(BaseModel):
@@ -19,7 +23,10 @@ class ServeArgs(BaseModel):
     served_model_name: Optional[str] = None  # defaults to the model's directory name
     engine: EngineConfig = EngineConfig()
     parallel: ParallelConfig = ParallelConfig(executor="ray")
-    api_keys: list[str] = []  # empty: no authentication
+    # API keys: these, the lines of api_keys_file and $K2RAY_API_KEYS, merged (resolved_api_keys). None at all: no
+    # authentication. A source that is named but yields no key stops the ingress from starting (fail closed).
+    api_keys: list[str] = []
+    api_keys_file: Optional[str] = None  # one key per line, `#` comments; read by each ingress replica
     max_queued_requests: int = 256  # per router replica; beyond it requests get 503 at once
     enable_auto_tool_choice: bool = True
     enable_reasoning: bool = True  # thinking models (template knows <think>): think block -> reasoning_content
@@ -28,6 +35,15 @@ class ServeArgs(BaseModel):
     default_max_tokens: Optional[int] = None  # when a request sets none: None = up to the context length
     router_cpus: float = 1.0  # bundle 0 of each model group: the K2Router replica (engine loop, scheduler)
     router_gpus: float = 0.0
+
+    _keys: Optional[list[str]] = PrivateAttr(None)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, v: list[str]) -> list[str]:
+        if any(not k.strip() for k in v):
+            raise ValueError("a key must not be empty or blank")
+        return [k.strip() for k in v]
 
     @field_validator("max_queued_requests", "max_request_bytes")
     @classmethod
@@ -56,3 +72,35 @@ class ServeArgs(BaseModel):
         if self.served_model_name:
             return self.served_model_name
         return default_served_name(self.model)
+
+    def resolved_api_keys(self) -> list[str]:
+        """Every configured key (``api_keys``, ``api_keys_file``, ``$K2RAY_API_KEYS``), resolved once; see
+        :func:`resolve_api_keys`."""
+        if self._keys is None:
+            self._keys = resolve_api_keys(self.api_keys, self.api_keys_file, os.environ)
+        return list(self._keys)
+
+
+def resolve_api_keys(keys: list[str], path: Optional[str], environ: Mapping[str, str]) -> list[str]:
+    """The keys of all three sources, merged. Raises :class:`ConfigError` (one line, naming the source) for a source
+    that is configured but unreadable or empty: a server meant to have keys must not start without them."""
+    out = list(keys)
+    if path is not None:
+        out += _keys_from_file(path)
+    if KEYS_ENV in environ:
+        found = [k.strip() for k in environ[KEYS_ENV].replace("\n", ",").split(",") if k.strip()]
+        if not found:
+            raise ConfigError(f"{KEYS_ENV} is set but holds no key (unset it to run without keys)")
+        out += found
+    return list(dict.fromkeys(out))
+
+
+def _keys_from_file(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"api_keys_file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    keys = [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
+    if not keys:
+        raise ConfigError(f"api_keys_file {path}: no key in it (one key per line, # comments)")
+    return keys

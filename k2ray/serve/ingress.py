@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from typing import Optional
 
@@ -16,39 +15,24 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2ray import logs
-from k2ray.serve import access_log, health
+from k2ray.serve import access_log, health, redact
+from k2ray.serve.admission import AdmissionMiddleware, GroupWatch
 from k2ray.serve.config import ServeArgs
 from k2ray.serve.model_view import ModelView, load_model_view
 from k2ray.serve.openai import chat, completions
 from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.accumulate import ChatAccumulator, CompletionAccumulator
-from k2ray.serve.openai.errors import APIError, bad_request, from_exception
+from k2ray.serve.openai.errors import APIError, bad_request
 from k2ray.serve.openai.http import json_body, require_api_key
-from k2ray.serve.responses import Responder
+from k2ray.serve.responses import Responder, answers_errors
 from k2ray.serve.router_client import ModelGroups, RouterClient, open_all
 from k2ray.serve.wire import GenerateRequest
 
 
-def _guard(fn):
-    """An endpoint's errors become their OpenAI answers (a failure we did not foresee: logged, 500), counted."""
-
-    @functools.wraps(fn)
-    async def wrapper(self, *args, **kwargs):
-        try:
-            return await fn(self, *args, **kwargs)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            err = from_exception(e)
-            self.responder.count_error(err.status)
-            return err.response()
-
-    return wrapper
-
-
-async def _maybe_thread(big: bool, fn, *args):
-    """Heavy planning (long prompts, large templates) runs off the event loop, so other streams keep flowing."""
-    return await asyncio.to_thread(fn, *args) if big else fn(*args)
+async def _off_loop(fn, *args):
+    """Planning (template rendering, tokenization) runs in a worker thread, never on the event loop: a request
+    with a huge prompt, thousands of messages or tools must not stall the other streams."""
+    return await asyncio.to_thread(fn, *args)
 
 
 class OpenAIIngress:
@@ -65,6 +49,7 @@ class OpenAIIngress:
         self.chat_options = chat.ChatOptions(self.args.enable_auto_tool_choice, self.args.enable_reasoning,
                                              self.args.default_chat_template_kwargs)
         self.responder = Responder(self.model_name)
+        self.watch = GroupWatch()  # the ready model groups, for admission
         self.view: Optional[ModelView] = None
         self._view_lock = asyncio.Lock()
 
@@ -75,14 +60,16 @@ class OpenAIIngress:
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
-            announce = asyncio.get_running_loop().create_task(health.announce_when_ready(self.groups,
-                                                                                         self.model_name))
+            loop = asyncio.get_running_loop()
+            tasks = [loop.create_task(health.announce_when_ready(self.groups, self.model_name)),
+                     loop.create_task(self.watch.poll(self.groups))]
             yield
-            announce.cancel()
+            for t in tasks:
+                t.cancel()
 
         api = FastAPI(title="k2ray", description="OpenAI-compatible API for Kimi K2 on Ray", docs_url=None,
                       redoc_url=None, openapi_url=None, lifespan=lifespan)
-        api.state.api_keys = [k.encode() for k in self.args.api_keys]
+        api.state.api_keys = [k.encode() for k in self.args.resolved_api_keys()]  # ConfigError: replica won't start
         api.state.max_request_bytes = self.args.max_request_bytes
 
         @api.exception_handler(APIError)
@@ -104,7 +91,9 @@ class OpenAIIngress:
             ("/v1/k2ray/layout", self.layout, "GET"), ("/v1/k2ray/stats", self.stats, "GET"),
         ]:
             api.add_api_route(path, fn, methods=[method], dependencies=keyed)
-        api.add_middleware(access_log.AccessLogMiddleware)
+        per_group = self.args.engine.max_num_seqs + self.args.max_queued_requests
+        api.add_middleware(AdmissionMiddleware, watch=self.watch, per_group=per_group)
+        api.add_middleware(access_log.AccessLogMiddleware)  # outermost: refusals are logged too
         return api
 
     async def _model(self, name: Optional[str]) -> ModelView:
@@ -126,13 +115,13 @@ class OpenAIIngress:
         info = self.view.info if self.view else {}
         return P.ModelCard(id=self.model_name, root=self.args.model, max_model_len=info.get("max_model_len"))
 
-    @_guard
+    @answers_errors
     async def models(self) -> Response:
         with contextlib.suppress(APIError):  # listed while starting too
             await self._model(None)
         return JSONResponse(P.ModelList(data=[self._card()]).model_dump())
 
-    @_guard
+    @answers_errors
     async def model(self, model_id: str) -> Response:
         try:
             await self._model(model_id)
@@ -141,30 +130,32 @@ class OpenAIIngress:
                 raise
         return JSONResponse(self._card().model_dump())
 
-    @_guard
-    async def layout(self) -> Response:
-        """Where the answering model group's actors and experts live."""
-        return JSONResponse(await self.groups.layout())
+    @answers_errors
+    async def layout(self, request: Request) -> Response:
+        """Where the answering model group's actors and experts live (no addresses or pids for a remote client of a
+        server without keys: :mod:`k2ray.serve.redact`)."""
+        lay = await self.groups.layout()
+        return JSONResponse(lay if redact.full_view(request) else redact.layout(lay))
 
-    @_guard
-    async def stats(self) -> Response:
+    @answers_errors
+    async def stats(self, request: Request) -> Response:
         """Engine counters of the answering model group (running, waiting, KV blocks, aborted, ...)."""
-        return JSONResponse(await self.groups.stats())
+        st = await self.groups.stats()
+        return JSONResponse(st if redact.full_view(request) else redact.stats(st))
 
     # -- tokenizer ------------------------------------------------------------------------------------------------
-    @_guard
+    @answers_errors
     async def tokenize(self, req: P.TokenizeRequest = Depends(json_body(P.TokenizeRequest))) -> Response:
         view = await self._model(req.model)
         if req.prompt is not None:
-            ids = await _maybe_thread(len(req.prompt) > chat.BIG_TEXT, view.tokenizer.encode, req.prompt)
+            ids = await _off_loop(view.tokenizer.encode, req.prompt)
         else:
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
-            ids = (await _maybe_thread(chat.is_big(req.messages), chat.render_chat, view.template, req.messages,
-                                       tools, req.add_generation_prompt, req.chat_template_kwargs,
-                                       self.chat_options, view.limits)).token_ids
+            ids = (await _off_loop(chat.render_chat, view.template, req.messages, tools, req.add_generation_prompt,
+                                   req.chat_template_kwargs, self.chat_options, view.limits)).token_ids
         return JSONResponse({"count": len(ids), "max_model_len": view.limits.max_model_len, "tokens": ids})
 
-    @_guard
+    @answers_errors
     async def detokenize(self, req: P.DetokenizeRequest = Depends(json_body(P.DetokenizeRequest))) -> Response:
         tok = (await self._model(req.model)).tokenizer
         bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
@@ -173,24 +164,23 @@ class OpenAIIngress:
         return JSONResponse({"prompt": tok.decode(req.tokens)})
 
     # -- generation -----------------------------------------------------------------------------------------------
-    @_guard
+    @answers_errors
     async def chat_completions(self, req: P.ChatCompletionRequest = Depends(json_body(P.ChatCompletionRequest))
                                ) -> Response:
         t0 = time.monotonic()
         view = await self._model(req.model)
-        plan = await _maybe_thread(chat.is_big(req.messages), chat.plan_chat, req, view.template, view.tokenizer,
-                                   view.limits, self.chat_options, view.thinks)
+        plan = await _off_loop(chat.plan_chat, req, view.template, view.tokenizer, view.limits, self.chat_options,
+                               view.thinks)
         rid = P.random_id("chatcmpl")
         opened = await open_all(self.groups, [GenerateRequest(rid, plan.prompt_token_ids, plan.sampling)])
         acc = ChatAccumulator(plan, req.n, rid, self.model_name, int(time.time()), view.tokenizer)
         return await self.responder.answer(acc, opened, t0, req.stream, req.stream_options)
 
-    @_guard
+    @answers_errors
     async def completions(self, req: P.CompletionRequest = Depends(json_body(P.CompletionRequest))) -> Response:
         t0 = time.monotonic()
         view = await self._model(req.model)
-        plan = await _maybe_thread(completions.is_big(req), completions.plan_completions, req, view.tokenizer,
-                                   view.limits)
+        plan = await _off_loop(completions.plan_completions, req, view.tokenizer, view.limits)
         cid = P.random_id("cmpl")
         rids = [cid] if len(plan.prompts) == 1 else [f"{cid}-{j}" for j in range(len(plan.prompts))]
         opened = await open_all(self.groups, [GenerateRequest(r, p.token_ids, p.sampling)

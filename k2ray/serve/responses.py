@@ -3,6 +3,8 @@ an accumulator (:mod:`k2ray.serve.openai.accumulate`), recording the request met
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from typing import AsyncIterator
 
@@ -14,6 +16,24 @@ from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.errors import from_exception, from_generate_error
 from k2ray.serve.router_client import OpenedStream, merged
 from k2ray.serve.wire import GenerateChunk, GenerateError
+
+
+def answers_errors(fn):
+    """An endpoint method's errors become their OpenAI answers (a failure we did not foresee: logged, 500), counted
+    by the instance's ``responder``."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            err = from_exception(e)
+            self.responder.count_error(err.status)
+            return err.response()
+
+    return wrapper
 
 
 class Responder:
@@ -40,7 +60,8 @@ class Responder:
 
     async def answer(self, acc, opened: list[OpenedStream], t0: float, stream: bool, stream_options) -> Response:
         access_log.note_prompt(sum(s.first.num_prompt_tokens or 0 for s in opened))
-        headers = {"x-request-id": acc.id, "x-k2ray-group": str(opened[0].first.model_group or "")}
+        # (Serve's proxy sets x-request-id itself; the completion id is in the body)
+        headers = {"x-k2ray-group": str(opened[0].first.model_group or "")}
         if stream:
             include_usage = bool(stream_options and stream_options.include_usage)
             return StreamingResponse(self._events(acc, opened, t0, include_usage), media_type="text/event-stream",

@@ -13,14 +13,24 @@ Backpressure: the engine holds at most ``max_num_seqs`` running sequences plus `
 a request beyond that gets an ``overloaded`` 503 at once. Cancelling the handle call (client disconnect) aborts the
 request in the engine and frees its cache blocks.
 
-Failure: if the group fails (:class:`~k2ray.executor.ray.ExecutorError` inside the engine), every in-flight request
-gets a 503, the replica tears the group down and rebuilds it in the same placement group (new actors, new process
-group, weights reloaded); meanwhile new requests get 503 and ``status()`` says ``recovering``. If rebuilding fails
-``check_health`` raises, so Serve replaces the whole replica (and its placement group).
+Preparing a request (validation, tokenization, grammar compilation, which can take seconds for a large schema) runs
+on a small thread pool of the router, never on its event loop, so one request's schema never stalls the others'
+streams or Serve's health checks.
+
+Failure: a failure that belongs to one request (its sampling, its output processing) ends that request alone with a
+500. If the group fails (:class:`~k2ray.executor.ray.ExecutorError` inside the engine: a dead worker, a stalled
+collective), every in-flight request gets a 503, the replica tears the group down and rebuilds it in the same
+placement group (new actors, new process group, weights reloaded); meanwhile new requests get 503 and ``status()``
+says ``recovering``. While the group is idle the poller thread pings its workers every
+``_HEARTBEAT_INTERVAL_S``, so a worker that died between requests starts the rebuild at once instead of failing the
+next request. If rebuilding fails ``check_health`` raises, so Serve replaces the whole replica (and its placement
+group).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -38,6 +48,9 @@ log = logging.getLogger("k2ray.serve.router")
 
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 _RECOVERY_ATTEMPTS = 3
+_PREPARE_THREADS = 2  # requests validated / tokenized / grammar-compiled at once, off the event loop
+_HEARTBEAT_INTERVAL_S = 2.0  # how often an idle group's workers are pinged
+_HEARTBEAT_TIMEOUT_S = 1.0  # a worker that has not answered by then is not judged (only a dead one is)
 
 
 def _replica_id() -> str:
@@ -68,8 +81,10 @@ class K2Router:
         self._error: Optional[str] = None
         self._inflight = 0  # sequences of requests in the engine (running or waiting)
         self._lock = threading.Lock()
-        self.executor = None
+        self.executor = None  # the group's executor, metered
         self.engine = None
+        self._prepare_pool = concurrent.futures.ThreadPoolExecutor(_PREPARE_THREADS,
+                                                                   thread_name_prefix="k2ray-router-prepare")
         self._bound = {
             "prompt": metrics.PROMPT_TOKENS_TOTAL.labels(model=self.model_name),
             "gen": metrics.GENERATION_TOKENS_TOTAL.labels(model=self.model_name),
@@ -152,9 +167,14 @@ class K2Router:
         first = True
         finished: set[int] = set()
         try:
-            stream = engine.stream(req.prompt_token_ids, params, req.request_id)
+            prepared = await self._prepare(engine, req)
+            stream = engine.stream(prepared)
             async with contextlib.aclosing(stream):
                 async for out in stream:
+                    if out.error is not None and out.finished:
+                        # Something of this request alone failed in the step; the others went on.
+                        yield GenerateError(500, out.error, "internal_error", "request_failed")
+                        return
                     chunk = self._chunk(out, finished, first)
                     if first:
                         first = False
@@ -174,6 +194,16 @@ class K2Router:
             yield GenerateError(400, str(e))
         finally:
             self._inflight -= params.n
+
+    async def _prepare(self, engine, req: GenerateRequest):
+        """Validate, tokenize and compile the grammar of ``req`` on the prepare pool (the event loop keeps serving
+        the other streams meanwhile). If the caller goes away first, the prepared request is given back."""
+        fut = self._prepare_pool.submit(engine.prepare_request, req.prompt_token_ids, req.sampling, req.request_id)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(lambda f: _release_prepared(engine, f))
+            raise
 
     def _chunk(self, out, finished: set[int], first: bool) -> GenerateChunk:
         """The engine's output for a request -> what is new for each of its sequences (finished ones once)."""
@@ -287,6 +317,7 @@ class K2Router:
         running = metrics.REQUESTS_RUNNING.labels(model=m)
         waiting = metrics.REQUESTS_WAITING.labels(model=m)
         kv = metrics.KV_CACHE_USAGE.labels(model=m)
+        last_beat = time.monotonic()
         while not self._stop.wait(1.0):
             try:
                 eng = self.engine
@@ -299,14 +330,40 @@ class K2Router:
                     self.executor.flush_expert_load()
             except Exception:
                 log.debug("gauge poll failed", exc_info=True)
+            if time.monotonic() - last_beat >= _HEARTBEAT_INTERVAL_S:
+                last_beat = time.monotonic()
+                try:
+                    self._heartbeat()
+                except Exception:
+                    log.debug("heartbeat failed", exc_info=True)
+
+    def _heartbeat(self) -> None:
+        """While the group is idle, ping its workers; a dead one starts the rebuild now (``status()`` says
+        ``recovering`` at once) rather than failing the next request. Busy groups are watched by their steps."""
+        eng, ex = self.engine, self.executor
+        if self._state != "ready" or eng is None or ex is None or self._inflight or eng.has_unfinished_requests():
+            return
+        failed = ex.heartbeat(_HEARTBEAT_TIMEOUT_S)
+        if failed:
+            from k2ray.engine.request import EngineDeadError
+
+            self._on_engine_dead(eng, EngineDeadError(failed))
 
     def __del__(self):  # pragma: no cover - best effort at replica shutdown
         try:
             self._stop.set()
+            self._prepare_pool.shutdown(wait=False)
             if self.engine is not None:
                 self.engine.shutdown()
         except Exception:
             pass
+
+
+def _release_prepared(engine, fut: concurrent.futures.Future) -> None:
+    """Give back a request prepared for a caller that left (its id would otherwise stay reserved)."""
+    if not fut.cancelled() and fut.exception() is None:
+        with contextlib.suppress(Exception):
+            engine.release_prepared(fut.result())
 
 
 def _layout_line(layout: dict) -> str:

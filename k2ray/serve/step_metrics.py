@@ -48,6 +48,9 @@ class MeteredExecutor:
     def rebuild(self) -> None:
         self.inner.rebuild()
 
+    def heartbeat(self, timeout_s: float) -> str | None:
+        return self.inner.heartbeat(timeout_s)
+
     def shutdown(self) -> None:
         self.inner.shutdown()
 

@@ -56,6 +56,10 @@ class AttentionWorker:
         self.client: DispatchClient | None = None
         self.overlap = overlap_shared_expert
 
+    def ping(self) -> bool:
+        """The router's idle heartbeat: answers at once (queued behind a running step, which a busy group has)."""
+        return True
+
     def ready(self) -> dict:
         return {"num_kv_blocks": self.num_kv_blocks, "node_ip": node_ip(), "node_id": node_id(), "pid": os.getpid(),
                 "load_s": self.load_s}

@@ -50,6 +50,10 @@ class ExpertShard:
                  len(self.experts), len(self.layers), self.load_s, device)
         self.server: ExpertServer | None = None
 
+    def ping(self) -> bool:
+        """The router's idle heartbeat: answers at once (queued behind a running step, which a busy group has)."""
+        return True
+
     def ready(self) -> dict:
         return {"node_ip": node_ip(), "node_id": node_id(), "pid": os.getpid(), "experts": self.experts,
                 "tensors_read": len(self.tensors_read), "load_s": self.load_s}

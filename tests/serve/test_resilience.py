@@ -182,3 +182,33 @@ def test_expert_shard_killed_under_load(base):
     after = httpx.post(base + "/v1/completions", json=kw, timeout=60)
     assert after.status_code == 200 and after.json()["choices"][0]["text"] == before
     assert len(_my_expert_shards()) == 2
+
+
+def test_expert_shard_killed_while_idle_is_found_before_a_request_fails(base):
+    """Issue 20: the router pings an idle group's workers, so a shard that dies between requests turns /health
+    non-200 within seconds (the group is rebuilt at once) and the next request, sent once /health is 200 again,
+    succeeds instead of failing on the dead shard."""
+    kw = {"model": MODEL, "prompt": "Idle check", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    before = httpx.post(base + "/v1/completions", json=kw, timeout=60)
+    assert before.status_code == 200
+    wait_until(lambda: _stats(base)["state"] == "ready" and _stats(base)["inflight"] == 0, 60, 0.5, "an idle group")
+    shards = _my_expert_shards()
+    assert len(shards) == 2, shards
+    os.kill(shards[0], signal.SIGKILL)
+    t0 = time.monotonic()
+
+    def not_ready():
+        r = httpx.get(base + "/health", timeout=10)
+        return r.json() if r.status_code != 200 else None
+
+    body = wait_until(not_ready, 15, 0.1, "/health to see the shard that died while idle")
+    assert time.monotonic() - t0 < 10
+    assert body["status"] in ("recovering", "starting"), body
+    assert "pid" not in json.dumps(body).lower()
+    wait_until(lambda: httpx.get(base + "/health", timeout=10).status_code == 200
+               and _stats(base)["state"] == "ready", 120, 0.5, "the group to be rebuilt")
+    after = httpx.post(base + "/v1/completions", json=kw, timeout=60)
+    assert after.status_code == 200, after.text
+    assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
+    new_shards = _my_expert_shards()
+    assert len(new_shards) == 2 and shards[0] not in new_shards

@@ -92,7 +92,10 @@ overridden with --set, rendered as Serve's list with OpenAIIngress and K2Router 
 {{- if $s.applicationLoggingConfig -}}
 {{- $_ := set $app "logging_config" $s.applicationLoggingConfig -}}
 {{- end -}}
-{{- $cfg := dict "proxy_location" $s.proxyLocation "http_options" (dict "host" "0.0.0.0" "port" $s.port) "applications" (list $app) -}}
+{{- /* The proxy listens on all of the pod's interfaces (KubeRay's Service targets the pod IP); httpOptions add the
+proxy's timeouts but cannot move host or port. */ -}}
+{{- $http := merge (dict "host" "0.0.0.0" "port" $s.port) (deepCopy ($s.httpOptions | default dict)) -}}
+{{- $cfg := dict "proxy_location" $s.proxyLocation "http_options" $http "applications" (list $app) -}}
 {{- if $s.loggingConfig -}}
 {{- $_ := set $cfg "logging_config" $s.loggingConfig -}}
 {{- end -}}

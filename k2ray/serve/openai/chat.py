@@ -19,7 +19,7 @@ from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.errors import bad_request
 from k2ray.serve.openai.limits import Limits
 
-BIG_TEXT = 32 * 1024  # message text beyond this is planned off the event loop
+BIG_TEXT = 32 * 1024  # message text beyond this is checked against the context length before rendering
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,6 @@ from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.errors import bad_request
 from k2ray.serve.openai.limits import Limits
 
-BIG_TEXT = 32 * 1024  # prompts beyond this are planned off the event loop
-
-
 @dataclass(frozen=True)
 class CompletionPrompt:
     token_ids: list[int]
@@ -37,10 +34,6 @@ def prompt_list(req: P.CompletionRequest) -> list:
     if prompts and isinstance(prompts[0], int):
         return [prompts]
     return list(prompts)
-
-
-def is_big(req: P.CompletionRequest) -> bool:
-    return any(isinstance(p, str) and len(p) > BIG_TEXT for p in prompt_list(req))
 
 
 def plan_completions(req: P.CompletionRequest, tokenizer, limits: Limits) -> CompletionPlan:
