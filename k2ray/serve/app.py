@@ -77,7 +77,9 @@ def build_app(args: dict[str, Any] | ServeArgs | None = None):
     router = RouterDeployment.options(**router_options(a)).bind(plain)
     ingress = IngressDeployment.options(
         ray_actor_options={"num_cpus": 0.25},
-        max_ongoing_requests=max(64, a.max_queued_requests + a.engine.max_num_seqs),
-        max_queued_requests=max(64, a.max_queued_requests * 2),
+        # Room for more than the groups hold, so the ingress's own admission (serve/admission.py) answers an
+        # overload at once instead of Serve queueing it in front of the replica.
+        max_ongoing_requests=max(256, 4 * (a.max_queued_requests + a.engine.max_num_seqs)),
+        max_queued_requests=max(512, 8 * (a.max_queued_requests + a.engine.max_num_seqs)),
     ).bind(router, plain)
     return ingress
