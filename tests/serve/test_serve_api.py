@@ -358,6 +358,20 @@ BAD_INPUTS = [
      None, 400, None, "tools[0].function.name"),
     ("tool-schema-does-not-compile", CHAT, {**OK_CHAT, "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}]}, None, 400, None, "tools"),
+    # issue 20: token ids past the vocabulary, malformed schema values, too many stop strings - never a 500
+    ("stop_token_ids-out-of-vocab", CHAT, {**OK_CHAT, "min_tokens": 1, "stop_token_ids": [10**6]}, None, 400, None,
+     "stop_token_ids"),
+    ("stop_token_ids-out-of-vocab-completions", CMPL, {"model": MODEL, "prompt": "x", "min_tokens": 1,
+                                                       "stop_token_ids": [10**6]}, None, 400, None, "stop_token_ids"),
+    ("tool-schema-minLength-null", CHAT, {**OK_CHAT, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "string", "minLength": None}}}}}]}, None, 400, None,
+     "tools"),
+    ("response-schema-minLength-text", CHAT, {**OK_CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "s", "schema": {"type": "object", "properties": {"a": {"type": "string", "minLength": "abc"}}}}}},
+     None, 400, None, "json_schema"),
+    ("too-many-stop-strings", CMPL, {"model": MODEL, "prompt": "x", "stop": [f"s{i}" for i in range(65)]}, None, 400,
+     None, "stop"),
     ("unknown-tool-choice", CHAT, {**OK_CHAT, "tools": [WEATHER_TOOL],
                                    "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      None, 400, None, "tool_choice"),
