@@ -120,7 +120,7 @@ def test_executor_failure_reaches_every_stream(make_engine):
 def test_sync_step_failure_marks_engine_dead(make_engine):
     engine = make_engine()
     engine.executor.fail_at = 2
-    engine.add_request([1, 2, 3], SamplingParams(max_tokens=10))
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=10, ignore_eos=True))  # a sampled EOS would end it early
     engine.step()
     with pytest.raises(RuntimeError, match="injected"):
         engine.step()

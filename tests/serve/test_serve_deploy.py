@@ -219,13 +219,15 @@ def test_startup_health_answers_and_log_lines(quickstart):
     httpx.post(base + "/v1/completions", json={"model": args.model_name, "prompt": "log me", "max_tokens": 3,
                                                "temperature": 0, "ignore_eos": True}, timeout=60).raise_for_status()
 
-    def logged():
+    port = base.rsplit(":", 1)[1]
+
+    def logged():  # log lines arrive asynchronously (the URL line once the ingress has asked Serve for its port)
         text = log_path.read_text()
         return (re.search(r"k2ray INFO POST /v1/completions 200 prompt_tokens=\d+ completion_tokens=3 "
-                          r"ttft=\d+\.\d{3}s total=\d+\.\d{3}s", text) and text)
+                          r"ttft=\d+\.\d{3}s total=\d+\.\d{3}s", text)
+                and f"OpenAI API at http://localhost:{port}/v1" in text and text)
 
-    text = wait_until(logged, 30, 0.5, "the access line in serve run's output")
-    port = base.rsplit(":", 1)[1]
+    text = wait_until(logged, 60, 0.5, "the access and URL lines in serve run's output")
     for line in (r"attention worker 0 \(pid \d+\): weights loaded in \d+\.\ds",
                  r"expert shard 0 \(pid \d+\): \d+ experts x \d+ MoE layers loaded in \d+\.\ds",
                  r"model group \S+ ready in \d+\.\ds: 1 attention worker\(s\) \[pid \d+@",
