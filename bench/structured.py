@@ -20,7 +20,8 @@ import torch
 
 from k2ray.checkpoint.tiny import make_tiny
 from k2ray.config import EngineConfig
-from k2ray.engine.engine import LLMEngine, load_eos_token_ids, load_tokenizer
+from k2ray.engine.engine import LLMEngine
+from k2ray.engine.input_processor import load_eos_token_ids, load_tokenizer
 from k2ray.runtime.sampling import SamplingParams
 from k2ray.engine.structured import GuidedDecoding
 from k2ray.executor.local import LocalExecutor

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Sequence as Seq
 
 from k2ray.config import EngineConfig, ParallelConfig
-# load_* are also imported from here (router, tests, bench)
 from k2ray.engine.input_processor import InputProcessor, Prompt, load_eos_token_ids, load_tokenizer
 from k2ray.engine.loop import StepLoop
 from k2ray.engine.messages import Abort, Add, Message, Sink

@@ -103,7 +103,7 @@ class K2Router:
         log.info("model group %s starting: %s, %d attention worker(s) + %d expert shard(s), %s executor on %s",
                  self.group_id, self.model_name, p.attention_workers, p.expert_shards, p.executor, p.device)
         try:
-            from k2ray.engine.engine import load_eos_token_ids, load_tokenizer
+            from k2ray.engine.input_processor import load_eos_token_ids, load_tokenizer
 
             self.tokenizer = load_tokenizer(self.model_dir)
             self.eos_token_ids = load_eos_token_ids(self.model_dir)

@@ -40,7 +40,6 @@ import json
 import re
 from typing import Any, Iterable, Optional
 
-# Re-exported: the parser's importers have always found the markers and split_call_id here.
 from .kimi_format import (
     THINK_END,
     THINK_START,
@@ -56,20 +55,12 @@ from .kimi_format import (
 )
 
 __all__ = [
-    "THINK_START",
-    "THINK_END",
-    "TOOL_CALLS_SECTION_BEGIN",
-    "TOOL_CALLS_SECTION_END",
-    "TOOL_CALL_BEGIN",
-    "TOOL_CALL_ARGUMENT_BEGIN",
-    "TOOL_CALL_END",
     "MARKERS",
     "ParsedOutput",
     "StreamingOutputParser",
     "parse_output",
     "parse_tool_calls",
     "parse_reasoning",
-    "split_call_id",
 ]
 
 _THINK_MARKERS = {THINK_START: "think_start", THINK_END: "think_end"}

@@ -34,7 +34,8 @@ def local_executor(model_dir):
 @pytest.fixture
 def make_engine(local_executor, model_dir):
     """``make_engine(num_kv_blocks=None, **EngineConfig fields)`` -> LLMEngine over the shared tiny model."""
-    from k2ray.engine.engine import LLMEngine, load_eos_token_ids, load_tokenizer
+    from k2ray.engine.engine import LLMEngine
+    from k2ray.engine.input_processor import load_eos_token_ids, load_tokenizer
 
     from .engine_helpers import ExecutorView
 

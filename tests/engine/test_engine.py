@@ -339,7 +339,7 @@ def test_eos_is_default_stop_unless_ignored(make_engine):
 def test_default_stop_ids_come_from_generation_config(model_dir):
     import json
 
-    from k2ray.engine.engine import load_eos_token_ids
+    from k2ray.engine.input_processor import load_eos_token_ids
 
     gen = json.loads((model_dir / "generation_config.json").read_text())
     assert load_eos_token_ids(model_dir) == gen["eos_token_id"]

@@ -15,8 +15,8 @@ from k2ray.tokenizer.parsers import (
     parse_output,
     parse_reasoning,
     parse_tool_calls,
-    split_call_id,
 )
+from k2ray.tokenizer.kimi_format import split_call_id
 from k2ray.tokenizer.tiny import DATA_DIR
 
 SB, SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
