@@ -1,5 +1,11 @@
 """Answering a started request: collect the model group's chunks into the final object, or stream them as SSE, through
-an accumulator (:mod:`k2ray.serve.openai.accumulate`), recording the request metrics on the way."""
+an accumulator, recording the request metrics on the way.
+
+An accumulator is the API's side of the answer (:mod:`k2ray.serve.openai.accumulate` for OpenAI's chat and completions;
+the Anthropic and Responses APIs wrap the chat one): ``start()`` and ``add(prompt_index, chunk)`` return the stream's
+events, ``encode(event, include_usage)`` writes one as SSE text, ``close(include_usage, error)`` the stream's last
+events (with the error event when the stream failed after its 200 went out), ``response()`` the non-streamed answer
+(a pydantic model) and ``finish_reason`` the first choice's reason, for the metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +18,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from k2ray import metrics
 from k2ray.serve import access_log
-from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.errors import from_exception, from_generate_error
 from k2ray.serve.router_client import OpenedStream, merged
 from k2ray.serve.wire import GenerateChunk, GenerateError
@@ -82,32 +87,31 @@ class Responder:
         return JSONResponse(acc.response().model_dump(), headers=headers)
 
     async def _events(self, acc, opened: list[OpenedStream], t0: float, include_usage: bool) -> AsyncIterator[str]:
-        """The SSE stream: the accumulator's chunks as they come; an error mid-stream is one error event."""
+        """The SSE stream: the accumulator's events as they come; an error mid-stream ends it with one error event."""
         done, state = False, {}
         try:
             for c in acc.start():
-                yield P.sse(c, include_usage)
+                yield acc.encode(c, include_usage)
+            error = None
             async for j, item in merged(opened):
                 if isinstance(item, GenerateError):
-                    err = from_generate_error(item)
-                    self.count_error(err.status)
-                    yield P.sse_error(err.body())
+                    error = from_generate_error(item)
+                    self.count_error(error.status)
                     break
                 self._observe(t0, state, item, timing=j == 0)
                 for c in acc.add(j, item):
-                    yield P.sse(c, include_usage)
+                    yield acc.encode(c, include_usage)
             else:
                 self._e2e.observe(time.monotonic() - t0)
                 self.count_finished(acc.finish_reason)
-            if include_usage:
-                yield P.sse(acc.usage_chunk(), True)
-            yield P.SSE_DONE
+            for text in acc.close(include_usage, error):
+                yield text
             done = True
         except Exception as e:  # never a traceback on the wire
             err = from_exception(e)
             self.count_error(err.status)
-            yield P.sse_error(err.body())
-            yield P.SSE_DONE
+            for text in acc.close(False, err):
+                yield text
             done = True
         finally:
             if not done:  # the client went away: abort the request in the engine

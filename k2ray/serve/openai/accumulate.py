@@ -13,6 +13,7 @@ from typing import Any, Optional
 from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.chat import ChatPlan
 from k2ray.serve.openai.completions import CompletionPlan
+from k2ray.serve.openai.errors import APIError
 from k2ray.serve.wire import GenerateChunk, SequenceDelta
 from k2ray.tokenizer.parsers import StreamingOutputParser, openai_finish_reason
 
@@ -44,6 +45,15 @@ class _Accumulator:
         self.id, self.model, self.created, self.tokenizer = request_id, model, created, tokenizer
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
+
+    # -- OpenAI's SSE: ``data: {chunk}`` events, an error event in the same shape as a 4xx/5xx body, ``[DONE]`` ------
+    def encode(self, chunk, include_usage: bool) -> str:
+        return P.sse(chunk, include_usage)
+
+    def close(self, include_usage: bool, error: Optional[APIError] = None) -> list[str]:
+        if error is not None:
+            return [P.sse_error(error.body()), P.SSE_DONE]
+        return ([P.sse(self.usage_chunk(), True)] if include_usage else []) + [P.SSE_DONE]
 
     def _token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
