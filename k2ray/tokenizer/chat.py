@@ -351,7 +351,12 @@ class ChatTemplate:
         msgs = normalize_messages(messages)
         tools = _validate_tools(tools)
         kwargs = {k: _plain(v) for k, v in template_kwargs.items()}
-        if "thinking" in kwargs and kwargs["thinking"] is not None:
+        # Kimi's templates read ``thinking``; vLLM/SGLang clients send ``enable_thinking`` (Qwen's name): both count,
+        # ``thinking`` wins when both are given.
+        switch = kwargs.pop("enable_thinking", None)
+        if kwargs.get("thinking") is None and switch is not None:
+            kwargs["thinking"] = switch
+        if kwargs.get("thinking") is not None:
             kwargs["thinking"] = thinking_enabled(kwargs["thinking"])
         return msgs, tools, kwargs
 

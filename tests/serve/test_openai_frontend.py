@@ -198,6 +198,23 @@ def test_plan_chat_response_format_and_thinking(tokenizer, template):
     assert not plan_chat(_chat(), template, tokenizer, LIMITS, ChatOptions(), False).thinking
 
 
+@pytest.mark.parametrize("request_kwargs, default, thinks", [
+    ({"thinking": False}, {}, False), ({"enable_thinking": False}, {}, False), ({"enable_thinking": "false"}, {}, False),
+    ({"thinking": "true"}, {"thinking": False}, True), ({"enable_thinking": True}, {"thinking": False}, True),
+    ({"enable_thinking": "true"}, {"enable_thinking": False}, True), ({}, {"enable_thinking": "false"}, False),
+    ({"thinking": True, "enable_thinking": False}, {}, True),  # both given: Kimi's own name wins
+])
+def test_thinking_switch_by_either_name(tokenizer, template, request_kwargs, default, thinks):
+    """``chat_template_kwargs`` ``thinking`` and ``enable_thinking``, booleans or strings; a request's switch overrides
+    the server's default; the prompt the template renders changes with it (not only the parser's flag)."""
+    options = ChatOptions(default_chat_template_kwargs=default)
+    plan = plan_chat(_chat(chat_template_kwargs=request_kwargs), template, tokenizer, LIMITS, options, True)
+    reference = plan_chat(_chat(chat_template_kwargs={"thinking": thinks}), template, tokenizer, LIMITS,
+                          ChatOptions(), True)
+    assert plan.thinking is thinks
+    assert plan.prompt_token_ids == reference.prompt_token_ids
+
+
 # -- stream == non-stream ----------------------------------------------------------------------------------------------
 def _events(resp) -> list:
     assert resp.status_code == 200, resp.text
@@ -252,9 +269,16 @@ def test_chat_stream_equals_non_stream(app, kw):
         assert ch["finish_reason"] == st["finish_reason"]
         assert (ch["logprobs"]["content"] if ch["logprobs"] else []) == st["logprobs"]
     first = full["choices"][0]["message"]
+    tok = groups.tok
+    n_think = {s: len(tok.encode_with_specials(tok.split_special(s.split("</think>")[0] + "</think>")))
+               for s in (ANSWER, CALL)}  # the script's reasoning block, <think> ... </think>, in tokens
+    reasoning = full["usage"]["completion_tokens_details"]["reasoning_tokens"]
     if kw.get("chat_template_kwargs"):
         assert first["reasoning_content"] is None and "Paris" in first["content"]
+        assert reasoning == 0  # thinking off: the same text is content, not reasoning
     else:
+        n = len(full["choices"])
+        assert reasoning == sum(n_think[[ANSWER, CALL][i % 2]] for i in range(n)) > 0
         assert first["reasoning_content"] == "Paris is the capital of France."
         assert first["content"] == "The capital of France is Paris."
     if kw.get("tools") and kw.get("tool_choice") != "none":

@@ -15,6 +15,7 @@ from k2ray.serve.openai.chat import ChatPlan
 from k2ray.serve.openai.completions import CompletionPlan
 from k2ray.serve.openai.errors import APIError
 from k2ray.serve.wire import GenerateChunk, SequenceDelta
+from k2ray.tokenizer.kimi_format import THINK_END
 from k2ray.tokenizer.parsers import StreamingOutputParser, openai_finish_reason
 
 
@@ -30,6 +31,8 @@ class _Choice:
 class _ChatChoice(_Choice):
     parser: Optional[StreamingOutputParser] = None
     logprobs: list[P.TokenLogprob] = field(default_factory=list)
+    reasoning_tokens: int = 0
+    reasoning_open: bool = False  # still inside the reasoning block (counted by token id, not by text)
 
 
 @dataclass
@@ -73,9 +76,11 @@ class ChatAccumulator(_Accumulator):
         self.choices = [
             _ChatChoice(i, parser=StreamingOutputParser(thinking=plan.thinking, tools=plan.parse_tools,
                                                         tool_call_offset=plan.tool_call_offset,
-                                                        hidden_tokens=plan.hidden_tokens))
+                                                        hidden_tokens=plan.hidden_tokens),
+                        reasoning_open=plan.thinking)
             for i in range(n)
         ]
+        self._think_end = tokenizer.special_tokens.get(THINK_END)
 
     def _chunk(self, index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None):
         return P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
@@ -104,8 +109,19 @@ class ChatAccumulator(_Accumulator):
             out += self._add_seq(self.choices[seq.index], seq)
         return out
 
+    def _count_reasoning(self, ch: _ChatChoice, token_ids: list[int]) -> None:
+        """Reasoning tokens: those up to and including the ``</think>`` token (all of them while it has not come)."""
+        if not ch.reasoning_open:
+            return
+        if self._think_end in token_ids:
+            ch.reasoning_tokens += token_ids.index(self._think_end) + 1
+            ch.reasoning_open = False
+        else:
+            ch.reasoning_tokens += len(token_ids)
+
     def _add_seq(self, ch: _ChatChoice, seq: SequenceDelta) -> list[P.ChatCompletionChunk]:
         ch.num_tokens += len(seq.token_ids)
+        self._count_reasoning(ch, seq.token_ids)
         deltas = ch.parser.feed(seq.text)
         if seq.finish_reason is not None:
             deltas += ch.parser.finish()
@@ -131,7 +147,10 @@ class ChatAccumulator(_Accumulator):
         return self.choices[0].finish_reason
 
     def usage(self) -> P.UsageInfo:
-        return self._usage(self.choices)
+        u = self._usage(self.choices)
+        u.completion_tokens_details = P.CompletionTokensDetails(
+            reasoning_tokens=sum(ch.reasoning_tokens for ch in self.choices))
+        return u
 
     def usage_chunk(self) -> P.ChatCompletionChunk:
         return P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],

@@ -46,6 +46,18 @@ def is_big(messages: list) -> bool:
     return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) > BIG_TEXT
 
 
+def _thinking_switch(kwargs: dict) -> dict:
+    """``enable_thinking`` (the name vLLM/SGLang clients send) as Kimi's ``thinking``, so a request's switch overrides
+    the server's default whichever name either uses."""
+    if "enable_thinking" not in kwargs:
+        return kwargs
+    out = dict(kwargs)
+    switch = out.pop("enable_thinking")
+    if out.get("thinking") is None:
+        out["thinking"] = switch
+    return out
+
+
 def render_chat(template, messages: list, tools: Optional[list[dict]], add_generation_prompt: bool,
                 template_kwargs: Optional[dict], options: ChatOptions, limits: Limits):
     """The conversation through the model's chat template (a ``ChatPrompt``: token ids, thinking, call offset)."""
@@ -53,7 +65,7 @@ def render_chat(template, messages: list, tools: Optional[list[dict]], add_gener
 
     if template is None:
         raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
-    kwargs = {**options.default_chat_template_kwargs, **(template_kwargs or {})}
+    kwargs = {**_thinking_switch(options.default_chat_template_kwargs), **_thinking_switch(template_kwargs or {})}
     for reserved in ("messages", "tools", "add_generation_prompt"):
         kwargs.pop(reserved, None)
     if is_big(messages):
