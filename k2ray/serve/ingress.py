@@ -80,8 +80,9 @@ class OpenAIIngress:
         # Errors raised before an endpoint runs answer in the shape of the path's API (Anthropic's on /v1/messages*).
         @api.exception_handler(APIError)
         async def _api_error(request: Request, exc: APIError):  # raised by the dependencies (key, body)
-            self.responder.count_error(exc.status)
-            return anthropic_errors.response_for_path(request.url.path, exc)
+            resp = anthropic_errors.response_for_path(request.url.path, exc)
+            self.responder.count_error(resp.status_code)
+            return resp
 
         @api.exception_handler(StarletteHTTPException)
         async def _http_error(request: Request, exc: StarletteHTTPException):

@@ -35,9 +35,9 @@ def answers_errors_as(render: Callable[[APIError], Response]):
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                err = from_exception(e)
-                self.responder.count_error(err.status)
-                return render(err)
+                resp = render(from_exception(e))
+                self.responder.count_error(resp.status_code)  # as the client sees it (Anthropic's 529 for a 503)
+                return resp
 
         return wrapper
 

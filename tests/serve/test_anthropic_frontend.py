@@ -84,8 +84,10 @@ def test_every_block_type_becomes_chat_messages():
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "Checking.", "reasoning_content": "Look it up.", "tool_calls": [
-            {"id": "toolu_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-            {"id": "toolu_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+            {"id": "toolu_a", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "toolu_b", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
         ]},
         {"role": "tool", "tool_call_id": "toolu_a", "content": "22 C"},
         {"role": "tool", "tool_call_id": "toolu_b", "content": T.ERROR_PREFIX + "city unknown"},

@@ -85,10 +85,10 @@ class MessagesAccumulator:
         """The chat's finish reason (the metrics label the same values for every API)."""
         return self.chat.finish_reason
 
-    def start(self) -> list:
+    def start(self) -> list[A.StreamEvent]:
         return []  # message_start waits for the first engine chunk (prefix-cache hits); it is there at once
 
-    def add(self, prompt_index: int, chunk: GenerateChunk) -> list:
+    def add(self, prompt_index: int, chunk: GenerateChunk) -> list[A.StreamEvent]:
         chunks = self.chat.add(prompt_index, chunk)
         events = self._start_events()
         for c in chunks:

@@ -100,7 +100,8 @@ class RedactedThinkingBlockParam(_Param):
 _BLOCK_TYPES = ("text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking")
 BlockParam = Annotated[
     Union[Annotated[TextBlockParam, Tag("text block")], Annotated[ImageBlockParam, Tag("image block")],
-          Annotated[ToolUseBlockParam, Tag("tool_use block")], Annotated[ToolResultBlockParam, Tag("tool_result block")],
+          Annotated[ToolUseBlockParam, Tag("tool_use block")],
+          Annotated[ToolResultBlockParam, Tag("tool_result block")],
           Annotated[ThinkingBlockParam, Tag("thinking block")],
           Annotated[RedactedThinkingBlockParam, Tag("redacted_thinking block")],
           Annotated[UnsupportedBlockParam, Tag("unsupported block")]],
@@ -155,7 +156,8 @@ class ToolChoiceNone(_Param):
     type: Literal["none"]
 
 
-ToolChoice = Annotated[Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool, ToolChoiceNone], Field(discriminator="type")]
+ToolChoice = Annotated[Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool, ToolChoiceNone],
+                       Field(discriminator="type")]
 
 
 class ThinkingEnabled(_Param):
