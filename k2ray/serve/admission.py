@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import time
 
+from k2ray.serve.anthropic.errors import response_for_path
 from k2ray.serve.openai.errors import unavailable
 from k2ray.serve.router_client import ModelGroups
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
 SEEN_FOR_S = 15.0  # a group not seen ready for this long no longer counts
 
 
@@ -52,8 +53,9 @@ class GroupWatch:
 
 
 class AdmissionMiddleware:
-    """Pure ASGI middleware in front of the generation endpoints: over capacity -> 503 ``overloaded`` with
-    ``Retry-After`` at once; otherwise the request holds a slot until its response (stream included) is done."""
+    """Pure ASGI middleware in front of the generation endpoints: over capacity -> 503 ``overloaded`` (Anthropic's
+    529 ``overloaded_error`` on ``/v1/messages``) with ``Retry-After`` at once; otherwise the request holds a slot
+    until its response (stream included) is done."""
 
     def __init__(self, app, watch: GroupWatch, per_group: int):
         self.app, self.watch, self.per_group = app, watch, per_group
@@ -70,7 +72,7 @@ class AdmissionMiddleware:
         if self.inflight >= self.capacity:
             err = unavailable(f"server overloaded: {self.inflight} requests in flight, the model groups hold "
                               f"{self.capacity}; retry later", "overloaded")
-            await err.response()(scope, receive, send)
+            await response_for_path(scope["path"], err)(scope, receive, send)  # in the path's API shape
             return
         self.inflight += 1
         try:

@@ -1,5 +1,6 @@
 """OpenAIIngress: the Serve deployment in front of the model groups. Endpoint glue only: read and check a request
-(:mod:`k2ray.serve.openai.http`), plan it (:mod:`~k2ray.serve.openai.chat`, :mod:`~k2ray.serve.openai.completions`),
+(:mod:`k2ray.serve.openai.http`), plan it (:mod:`~k2ray.serve.openai.chat`, :mod:`~k2ray.serve.openai.completions`;
+Anthropic's Messages API through :mod:`k2ray.serve.anthropic.translate` onto the chat planner),
 start it on a model group (:mod:`k2ray.serve.router_client`) and answer through an accumulator
 (:mod:`k2ray.serve.responses`); plus ``/health``, the model list, the tokenizer endpoints and the group's layout."""
 
@@ -17,6 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from k2ray import logs
 from k2ray.serve import access_log, health, redact
 from k2ray.serve.admission import AdmissionMiddleware, GroupWatch
+from k2ray.serve.anthropic import errors as anthropic_errors
+from k2ray.serve.anthropic import protocol as A
+from k2ray.serve.anthropic import translate
+from k2ray.serve.anthropic.accumulate import MessagesAccumulator
 from k2ray.serve.config import ServeArgs
 from k2ray.serve.model_view import ModelView, load_model_view
 from k2ray.serve.openai import chat, completions
@@ -24,7 +29,7 @@ from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.accumulate import ChatAccumulator, CompletionAccumulator
 from k2ray.serve.openai.errors import APIError, bad_request
 from k2ray.serve.openai.http import json_body, require_api_key
-from k2ray.serve.responses import Responder, answers_errors
+from k2ray.serve.responses import Responder, answers_errors, answers_errors_as
 from k2ray.serve.router_client import ModelGroups, RouterClient, open_all
 from k2ray.serve.wire import GenerateRequest
 
@@ -72,21 +77,25 @@ class OpenAIIngress:
         api.state.api_keys = [k.encode() for k in self.args.resolved_api_keys()]  # ConfigError: replica won't start
         api.state.max_request_bytes = self.args.max_request_bytes
 
+        # Errors raised before an endpoint runs answer in the shape of the path's API (Anthropic's on /v1/messages*).
         @api.exception_handler(APIError)
         async def _api_error(request: Request, exc: APIError):  # raised by the dependencies (key, body)
-            self.responder.count_error(exc.status)
-            return exc.response()
+            resp = anthropic_errors.response_for_path(request.url.path, exc)
+            self.responder.count_error(resp.status_code)
+            return resp
 
         @api.exception_handler(StarletteHTTPException)
         async def _http_error(request: Request, exc: StarletteHTTPException):
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-            return APIError(exc.status_code, str(exc.detail), "invalid_request_error", None, code).response()
+            err = APIError(exc.status_code, str(exc.detail), "invalid_request_error", None, code)
+            return anthropic_errors.response_for_path(request.url.path, err)
 
         keyed = [Depends(require_api_key)]
         api.add_api_route("/health", self.health, methods=["GET"])
         for path, fn, method in [
             ("/v1/models", self.models, "GET"), ("/v1/models/{model_id:path}", self.model, "GET"),
             ("/v1/chat/completions", self.chat_completions, "POST"), ("/v1/completions", self.completions, "POST"),
+            ("/v1/messages", self.messages, "POST"), ("/v1/messages/count_tokens", self.count_tokens, "POST"),
             ("/tokenize", self.tokenize, "POST"), ("/detokenize", self.detokenize, "POST"),
             ("/v1/k2ray/layout", self.layout, "GET"), ("/v1/k2ray/stats", self.stats, "GET"),
         ]:
@@ -187,3 +196,22 @@ class OpenAIIngress:
                                               for r, p in zip(rids, plan.prompts)])
         acc = CompletionAccumulator(plan, cid, self.model_name, int(time.time()), view.tokenizer)
         return await self.responder.answer(acc, opened, t0, req.stream, req.stream_options)
+
+    # -- the Anthropic Messages API: translated onto the chat planner and accumulator ----------------------------------
+    @answers_errors_as(anthropic_errors.response)
+    async def messages(self, req: A.MessagesRequest = Depends(json_body(A.MessagesRequest))) -> Response:
+        t0 = time.monotonic()
+        view = await self._model(req.model)
+        plan = await _off_loop(translate.plan_messages, req, view.template, view.tokenizer, view.limits,
+                               self.chat_options, view.thinks)
+        mid = A.random_id("msg")
+        opened = await open_all(self.groups, [GenerateRequest(mid, plan.prompt_token_ids, plan.sampling)])
+        acc = MessagesAccumulator(plan, mid, self.model_name, view.tokenizer, req.stop_sequences)
+        return await self.responder.answer(acc, opened, t0, req.stream, None)
+
+    @answers_errors_as(anthropic_errors.response)
+    async def count_tokens(self, req: A.CountTokensRequest = Depends(json_body(A.CountTokensRequest))) -> Response:
+        view = await self._model(req.model)
+        plan = await _off_loop(translate.plan_messages, req, view.template, view.tokenizer, view.limits,
+                               self.chat_options, view.thinks)
+        return JSONResponse(A.TokenCount(input_tokens=len(plan.prompt_token_ids)).model_dump())

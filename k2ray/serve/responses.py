@@ -12,33 +12,39 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from k2ray import metrics
 from k2ray.serve import access_log
-from k2ray.serve.openai.errors import from_exception, from_generate_error
+from k2ray.serve.openai.errors import APIError, from_exception, from_generate_error
 from k2ray.serve.router_client import OpenedStream, merged
 from k2ray.serve.wire import GenerateChunk, GenerateError
 
 
-def answers_errors(fn):
-    """An endpoint method's errors become their OpenAI answers (a failure we did not foresee: logged, 500), counted
-    by the instance's ``responder``."""
+def answers_errors_as(render: Callable[[APIError], Response]):
+    """A decorator: an endpoint method's errors become their answers, written by ``render`` in the endpoint's API
+    shape (a failure we did not foresee: logged, 500), counted by the instance's ``responder``."""
 
-    @functools.wraps(fn)
-    async def wrapper(self, *args, **kwargs):
-        try:
-            return await fn(self, *args, **kwargs)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            err = from_exception(e)
-            self.responder.count_error(err.status)
-            return err.response()
+    def decorate(fn):
+        @functools.wraps(fn)
+        async def wrapper(self, *args, **kwargs):
+            try:
+                return await fn(self, *args, **kwargs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                resp = render(from_exception(e))
+                self.responder.count_error(resp.status_code)  # as the client sees it (Anthropic's 529 for a 503)
+                return resp
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+answers_errors = answers_errors_as(APIError.response)  # OpenAI's error body
 
 
 class Responder:

@@ -23,8 +23,8 @@ async def require_api_key(request: Request) -> None:
     header = request.headers.get("authorization", "")
     key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
     if not key or not any(hmac.compare_digest(key.encode(), k) for k in keys):
-        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", "authentication_error",
-                       None, "invalid_api_key")
+        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')",
+                       "authentication_error", None, "invalid_api_key")
 
 
 def json_body(model_cls: type[M]) -> Callable:

@@ -47,7 +47,7 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False
 
 
-def _check_function_name(name: str) -> str:
+def check_function_name(name: str) -> str:
     # Kimi writes calls as ``functions.NAME:IDX`` between special tokens: a name with whitespace or a marker could
     # never come back as a call.
     if any(c.isspace() or ord(c) < 0x20 for c in name) or "<|" in name or any(m in name for m in K.THINK_MARKERS):
@@ -61,7 +61,7 @@ class FunctionDefinition(_Request):
     parameters: Optional[dict[str, Any]] = None
     strict: Optional[bool] = None
 
-    _name = field_validator("name")(_check_function_name)
+    _name = field_validator("name")(check_function_name)
 
 
 class Tool(_Request):
