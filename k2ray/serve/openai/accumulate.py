@@ -80,7 +80,7 @@ class ChatAccumulator(_Accumulator):
                         reasoning_open=plan.thinking)
             for i in range(n)
         ]
-        self._think_end = tokenizer.special_tokens.get(THINK_END)
+        self._think_end = tokenizer.special_tokens.get(THINK_END) if tokenizer is not None else None
 
     def _chunk(self, index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None):
         return P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
