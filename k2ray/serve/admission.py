@@ -17,7 +17,7 @@ import time
 from k2ray.serve.openai.errors import unavailable
 from k2ray.serve.router_client import ModelGroups
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 SEEN_FOR_S = 15.0  # a group not seen ready for this long no longer counts
 
 
