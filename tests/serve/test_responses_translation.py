@@ -121,8 +121,11 @@ def test_fields_map_onto_the_chat_plan(tokenizer, template):
         template, tokenizer, LIMITS, ChatOptions(), True)
     assert chat_plan.prompt_token_ids == p.prompt_token_ids
 
-    # function tools are strict unless they say otherwise (OpenAI's default): a grammar under auto
+    # an absent strict is not strict (as in chat; the declaration reaches the model as given); strict: a grammar
     t = _plan(tokenizer, template, input="Hi", tools=[{k: v for k, v in WEATHER.items() if k != "strict"}])
+    assert t.echo["tools"][0]["strict"] is False and t.plan.sampling.guided_decoding is None
+    assert '"strict"' not in tokenizer.decode(t.plan.prompt_token_ids)
+    t = _plan(tokenizer, template, input="Hi", tools=[{**WEATHER, "strict": True}])
     assert t.echo["tools"][0]["strict"] is True and t.plan.sampling.guided_decoding is not None
     # reasoning effort none / minimal switch thinking off; text.format -> structured output
     assert not _plan(tokenizer, template, input="Hi", reasoning={"effort": "minimal"}).plan.thinking

@@ -208,7 +208,9 @@ def items_to_messages(items: list[dict[str, Any]], param: str = "input") -> list
 # -- the other fields -> their chat counterparts ---------------------------------------------------------------------
 def _tools(tools: Optional[list[dict[str, Any]]]) -> tuple[Optional[list[dict]], list[dict]]:
     """``(chat tools, the tools as the response echoes them)``. A Responses function tool is flat:
-    ``{type, name, description, parameters, strict}``; ``strict`` defaults to true, as OpenAI's does."""
+    ``{type, name, description, parameters, strict}``. An absent ``strict`` means not strict, as in chat (OpenAI's
+    Responses API defaults it to true): the chat template shows the declaration to the model as given, so a default
+    added here would change the prompt of every tool request; send ``strict: true`` for constrained arguments."""
     if not tools:
         return None, []
     chat_tools, echo = [], []
@@ -218,7 +220,6 @@ def _tools(tools: Optional[list[dict[str, Any]]]) -> tuple[Optional[list[dict]],
             raise bad_request(f"{where}.type: only function tools are supported (got {t.get('type')!r})",
                               f"{where}.type")
         fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
-        fn.setdefault("strict", True)
         try:
             P.FunctionDefinition.model_validate(fn, strict=True)
         except ValidationError as e:
@@ -227,7 +228,7 @@ def _tools(tools: Optional[list[dict[str, Any]]]) -> tuple[Optional[list[dict]],
             raise bad_request(f"{param}: {err.message.removeprefix(f'{err.param}: ')}", param) from None
         chat_tools.append({"type": "function", "function": fn})
         echo.append({"type": "function", "name": fn["name"], "description": fn.get("description"),
-                     "parameters": fn.get("parameters"), "strict": fn["strict"]})
+                     "parameters": fn.get("parameters"), "strict": bool(fn.get("strict"))})
     return chat_tools, echo
 
 
