@@ -17,6 +17,7 @@ a follow-up with ``previous_response_id`` continues from ``items + response["out
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -126,7 +127,8 @@ class ActorStoreClient:
         from ray.exceptions import RayActorError
 
         for attempt in (0, 1):
-            handle = self._actor()
+            # the first lookup (or creation) is a blocking call to Ray's GCS: off the event loop
+            handle = self._handle or await asyncio.to_thread(self._actor)
             try:
                 return await getattr(handle, method).remote(*args)
             except RayActorError:

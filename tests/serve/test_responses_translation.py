@@ -400,3 +400,16 @@ def test_mid_stream_failure_is_response_failed(sdk):
     assert events[-1].type == "response.failed" and events[-1].response.error.code == "server_error"
     with pytest.raises(openai.InternalServerError):
         client.responses.create(model=MODEL, input="Hi")
+
+
+@pytest.mark.parametrize("field, bad", [("responses_store_max", 0), ("responses_store_ttl_s", 0),
+                                        ("responses_store_ttl_s", -5.0)])
+def test_store_settings_are_validated(field, bad):
+    from pydantic import ValidationError
+
+    from k2ray.serve.config import ServeArgs
+
+    assert ServeArgs().responses_store_max >= 1 and ServeArgs().responses_store_ttl_s > 0
+    with pytest.raises(ValidationError) as e:
+        ServeArgs.model_validate({field: bad})
+    assert field in str(e.value)
