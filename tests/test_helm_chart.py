@@ -792,6 +792,8 @@ ARGS_CONSTRAINTS: dict[tuple[str, ...], dict] = {
     ("default_max_tokens",): {"minimum": 1},
     ("router_cpus",): {"minimum": 0},
     ("router_gpus",): {"minimum": 0},
+    ("responses_store_max",): {"minimum": 1},
+    ("responses_store_ttl_s",): {"exclusiveMinimum": 0},
     ("engine", "block_size"): {"minimum": 1},
     ("engine", "num_kv_blocks"): {"minimum": 1},
     ("engine", "kv_cache_memory_gb"): {"exclusiveMinimum": 0},

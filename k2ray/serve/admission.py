@@ -18,7 +18,7 @@ from k2ray.serve.anthropic.errors import response_for_path
 from k2ray.serve.openai.errors import unavailable
 from k2ray.serve.router_client import ModelGroups
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"})
 SEEN_FOR_S = 15.0  # a group not seen ready for this long no longer counts
 
 

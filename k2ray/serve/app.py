@@ -23,7 +23,7 @@ from k2ray.serve.config import ServeArgs
 from k2ray.serve.ingress import OpenAIIngress
 from k2ray.serve.router import K2Router
 
-__all__ = ["build_app", "router_bundles", "router_options", "IngressDeployment", "RouterDeployment"]
+__all__ = ["build_app", "build_app_with_options", "router_bundles", "router_options", "IngressDeployment", "RouterDeployment"]
 
 # The FastAPI app is built in each replica (OpenAIIngress.__serve_build_asgi_app__), never pickled.
 IngressDeployment = serve.deployment(name="OpenAIIngress")(serve.ingress()(OpenAIIngress))
@@ -71,15 +71,24 @@ def router_options(args: ServeArgs) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any] | ServeArgs | None = None):
-    """The k2ray application for ``serve run`` / ``serve deploy`` / ``serve.run``."""
+    """The k2ray application for ``serve run`` / ``serve deploy`` / ``serve.run`` (Serve wants a builder of exactly
+    one parameter)."""
+    return build_app_with_options(args)
+
+
+def build_app_with_options(args: dict[str, Any] | ServeArgs | None = None,
+                           ingress_options: dict[str, Any] | None = None):
+    """:func:`build_app`, with Serve options of the OpenAIIngress deployment over its defaults (e.g.
+    ``{"num_replicas": 2}``, as a deploy file's ``deployments:`` section would set them)."""
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     plain = a.model_dump(mode="json")
     router = RouterDeployment.options(**router_options(a)).bind(plain)
-    ingress = IngressDeployment.options(
-        ray_actor_options={"num_cpus": 0.25},
+    ingress = IngressDeployment.options(**{
+        "ray_actor_options": {"num_cpus": 0.25},
         # Room for more than the groups hold, so the ingress's own admission (serve/admission.py) answers an
         # overload at once instead of Serve queueing it in front of the replica.
-        max_ongoing_requests=max(256, 4 * (a.max_queued_requests + a.engine.max_num_seqs)),
-        max_queued_requests=max(512, 8 * (a.max_queued_requests + a.engine.max_num_seqs)),
-    ).bind(router, plain)
+        "max_ongoing_requests": max(256, 4 * (a.max_queued_requests + a.engine.max_num_seqs)),
+        "max_queued_requests": max(512, 8 * (a.max_queued_requests + a.engine.max_num_seqs)),
+        **(ingress_options or {}),
+    }).bind(router, plain)
     return ingress

@@ -35,6 +35,11 @@ class ServeArgs(BaseModel):
     default_max_tokens: Optional[int] = None  # when a request sets none: None = up to the context length
     router_cpus: float = 1.0  # bundle 0 of each model group: the K2Router replica (engine loop, scheduler)
     router_gpus: float = 0.0
+    # The Responses API's stored responses (store: true; previous_response_id, GET/DELETE /v1/responses/{id}): one
+    # store per application, shared by the ingress replicas; the oldest goes first when full, each expires ttl after
+    # it was stored. Each record holds its whole conversation (input items + output), so size it for memory.
+    responses_store_max: int = 4096
+    responses_store_ttl_s: float = 3600.0
 
     _keys: Optional[list[str]] = PrivateAttr(None)
 
@@ -45,7 +50,7 @@ class ServeArgs(BaseModel):
             raise ValueError("a key must not be empty or blank")
         return [k.strip() for k in v]
 
-    @field_validator("max_queued_requests", "max_request_bytes")
+    @field_validator("max_queued_requests", "max_request_bytes", "responses_store_max")
     @classmethod
     def _queue_positive(cls, v: int) -> int:
         if v < 1:
@@ -57,6 +62,13 @@ class ServeArgs(BaseModel):
     def _max_tokens_positive(cls, v: Optional[int]) -> Optional[int]:
         if v is not None and v < 1:
             raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("responses_store_ttl_s")
+    @classmethod
+    def _ttl_positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be greater than 0")
         return v
 
     @field_validator("router_cpus", "router_gpus")

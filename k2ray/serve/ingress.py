@@ -2,7 +2,9 @@
 (:mod:`k2ray.serve.openai.http`), plan it (:mod:`~k2ray.serve.openai.chat`, :mod:`~k2ray.serve.openai.completions`;
 Anthropic's Messages API through :mod:`k2ray.serve.anthropic.translate` onto the chat planner),
 start it on a model group (:mod:`k2ray.serve.router_client`) and answer through an accumulator
-(:mod:`k2ray.serve.responses`); plus ``/health``, the model list, the tokenizer endpoints and the group's layout."""
+(:mod:`k2ray.serve.responses`); the Responses API (``/v1/responses``: :mod:`~k2ray.serve.openai.responses_api` onto the
+chat planner, :mod:`~k2ray.serve.openai.responses_events` around the chat accumulator, stored responses in
+:mod:`k2ray.serve.response_store`); plus ``/health``, the model list, the tokenizer endpoints and the group's layout."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2ray import logs
-from k2ray.serve import access_log, health, redact
+from k2ray.serve import access_log, health, redact, replica
 from k2ray.serve.admission import AdmissionMiddleware, GroupWatch
 from k2ray.serve.anthropic import errors as anthropic_errors
 from k2ray.serve.anthropic import protocol as A
@@ -25,10 +27,13 @@ from k2ray.serve.anthropic.accumulate import MessagesAccumulator
 from k2ray.serve.config import ServeArgs
 from k2ray.serve.model_view import ModelView, load_model_view
 from k2ray.serve.openai import chat, completions
+from k2ray.serve.openai import responses_api as RA
 from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.accumulate import ChatAccumulator, CompletionAccumulator
 from k2ray.serve.openai.errors import APIError, bad_request
 from k2ray.serve.openai.http import json_body, require_api_key
+from k2ray.serve.openai.responses_events import ResponsesAccumulator
+from k2ray.serve.response_store import ActorStoreClient, LocalStoreClient
 from k2ray.serve.responses import Responder, answers_errors, answers_errors_as
 from k2ray.serve.router_client import ModelGroups, RouterClient, open_all
 from k2ray.serve.wire import GenerateRequest
@@ -42,7 +47,8 @@ async def _off_loop(fn, *args):
 
 class OpenAIIngress:
     """FastAPI ingress (``@serve.ingress`` is applied in :mod:`k2ray.serve.app`). ``router``: the K2Router deployment
-    handle, or any :class:`~k2ray.serve.router_client.ModelGroups` (tests)."""
+    handle, or any :class:`~k2ray.serve.router_client.ModelGroups` (tests). Stored responses go to the application's
+    shared store actor inside Serve, to an in-process store outside it (tests)."""
 
     def __init__(self, router, args: dict | ServeArgs):
         from ray.serve.handle import DeploymentHandle
@@ -57,6 +63,12 @@ class OpenAIIngress:
         self.watch = GroupWatch()  # the ready model groups, for admission
         self.view: Optional[ModelView] = None
         self._view_lock = asyncio.Lock()
+        self.replica = replica.identity()  # None outside Serve
+        a = self.args
+        self.response_store = (
+            ActorStoreClient(self.replica.app_name, self.replica.namespace, a.responses_store_max,
+                             a.responses_store_ttl_s)
+            if self.replica is not None else LocalStoreClient(a.responses_store_max, a.responses_store_ttl_s))
 
     __serve_build_asgi_app__ = lambda self: self.build_asgi_app()  # noqa: E731 - Serve builds it in the replica
 
@@ -97,11 +109,16 @@ class OpenAIIngress:
             ("/v1/chat/completions", self.chat_completions, "POST"), ("/v1/completions", self.completions, "POST"),
             ("/v1/messages", self.messages, "POST"), ("/v1/messages/count_tokens", self.count_tokens, "POST"),
             ("/tokenize", self.tokenize, "POST"), ("/detokenize", self.detokenize, "POST"),
+            ("/v1/responses", self.create_response, "POST"),
+            ("/v1/responses/{response_id}", self.retrieve_response, "GET"),
+            ("/v1/responses/{response_id}", self.delete_response, "DELETE"),
             ("/v1/k2ray/layout", self.layout, "GET"), ("/v1/k2ray/stats", self.stats, "GET"),
         ]:
             api.add_api_route(path, fn, methods=[method], dependencies=keyed)
         per_group = self.args.engine.max_num_seqs + self.args.max_queued_requests
         api.add_middleware(AdmissionMiddleware, watch=self.watch, per_group=per_group)
+        if self.replica is not None:
+            api.add_middleware(replica.ReplicaHeaderMiddleware, replica_id=self.replica.replica_id)
         api.add_middleware(access_log.AccessLogMiddleware)  # outermost: refusals are logged too
         return api
 
@@ -215,3 +232,46 @@ class OpenAIIngress:
         plan = await _off_loop(translate.plan_messages, req, view.template, view.tokenizer, view.limits,
                                self.chat_options, view.thinks)
         return JSONResponse(A.TokenCount(input_tokens=len(plan.prompt_token_ids)).model_dump())
+
+    # -- the Responses API ----------------------------------------------------------------------------------------
+    @answers_errors
+    async def create_response(self, req: RA.ResponsesRequest = Depends(json_body(RA.ResponsesRequest))) -> Response:
+        t0 = time.monotonic()
+        RA.check_request(req)
+        view = await self._model(req.model)
+        previous = None
+        if req.previous_response_id is not None:
+            previous = await self.response_store.get(req.previous_response_id)
+            if previous is None:
+                raise APIError(404, f"Previous response with id '{req.previous_response_id}' not found.",
+                               "invalid_request_error", "previous_response_id", "previous_response_not_found")
+        turn = await _off_loop(RA.plan_response, req, previous, view.template, view.tokenizer, view.limits,
+                               self.chat_options, view.thinks)
+        rid = RA.new_id("resp")
+        opened = await open_all(self.groups, [GenerateRequest(rid, turn.plan.prompt_token_ids, turn.plan.sampling)])
+        chat_acc = ChatAccumulator(turn.plan, 1, rid, self.model_name, turn.created_at, view.tokenizer)
+        acc = ResponsesAccumulator(chat_acc, turn, rid, self.model_name)
+
+        async def store():
+            if acc.status in ("completed", "incomplete"):
+                await self.response_store.put(rid, acc.record())
+
+        return await self.responder.answer(acc, opened, t0, req.stream, None, finalize=store if req.stored else None)
+
+    async def _stored(self, response_id: str) -> dict:
+        record = await self.response_store.get(response_id)
+        if record is None:
+            raise APIError(404, f"No response found with id '{response_id}'.", "invalid_request_error",
+                           "response_id", "not_found")
+        return record
+
+    @answers_errors
+    async def retrieve_response(self, response_id: str) -> Response:
+        return JSONResponse((await self._stored(response_id))["response"])
+
+    @answers_errors
+    async def delete_response(self, response_id: str) -> Response:
+        if not await self.response_store.delete(response_id):
+            raise APIError(404, f"No response found with id '{response_id}'.", "invalid_request_error",
+                           "response_id", "not_found")
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})

@@ -5,14 +5,18 @@ An accumulator is the API's side of the answer (:mod:`k2ray.serve.openai.accumul
 the Anthropic and Responses APIs wrap the chat one): ``start()`` and ``add(prompt_index, chunk)`` return the stream's
 events, ``encode(event, include_usage)`` writes one as SSE text, ``close(include_usage, error)`` the stream's last
 events (with the error event when the stream failed after its 200 went out), ``response()`` the non-streamed answer
-(a pydantic model) and ``finish_reason`` the first choice's reason, for the metrics."""
+(a pydantic model) and ``finish_reason`` the first choice's reason, for the metrics.
+
+``answer(..., finalize=...)``: a coroutine function awaited once the answer is complete, before it goes out (the
+JSON body, or the stream's closing events): the Responses API stores the response there, so a client that has seen
+it end can already find it by id. Its failure is the request's (an error answer / the stream's error event)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -69,14 +73,15 @@ class Responder:
             (self._ttft if last is None else self._itl).observe(now - (t0 if last is None else last))
             state["last"] = now
 
-    async def answer(self, acc, opened: list[OpenedStream], t0: float, stream: bool, stream_options) -> Response:
+    async def answer(self, acc, opened: list[OpenedStream], t0: float, stream: bool, stream_options,
+                     finalize: Optional[Callable[[], Awaitable[None]]] = None) -> Response:
         access_log.note_prompt(sum(s.first.num_prompt_tokens or 0 for s in opened))
         # (Serve's proxy sets x-request-id itself; the completion id is in the body)
         headers = {"x-k2ray-group": str(opened[0].first.model_group or "")}
         if stream:
             include_usage = bool(stream_options and stream_options.include_usage)
-            return StreamingResponse(self._events(acc, opened, t0, include_usage), media_type="text/event-stream",
-                                     headers=headers)
+            return StreamingResponse(self._events(acc, opened, t0, include_usage, finalize),
+                                     media_type="text/event-stream", headers=headers)
         state: dict = {}
         try:
             async for j, item in merged(opened):
@@ -88,11 +93,14 @@ class Responder:
             for s in opened:
                 s.cancel()
             raise
+        if finalize is not None:
+            await finalize()
         self._e2e.observe(time.monotonic() - t0)
         self.count_finished(acc.finish_reason)
         return JSONResponse(acc.response().model_dump(), headers=headers)
 
-    async def _events(self, acc, opened: list[OpenedStream], t0: float, include_usage: bool) -> AsyncIterator[str]:
+    async def _events(self, acc, opened: list[OpenedStream], t0: float, include_usage: bool,
+                      finalize: Optional[Callable[[], Awaitable[None]]] = None) -> AsyncIterator[str]:
         """The SSE stream: the accumulator's events as they come; an error mid-stream ends it with one error event."""
         done, state = False, {}
         try:
@@ -108,6 +116,8 @@ class Responder:
                 for c in acc.add(j, item):
                     yield acc.encode(c, include_usage)
             else:
+                if finalize is not None:
+                    await finalize()
                 self._e2e.observe(time.monotonic() - t0)
                 self.count_finished(acc.finish_reason)
             for text in acc.close(include_usage, error):

@@ -28,9 +28,10 @@ def wait_until(pred, timeout: float, interval: float = 0.2, what: str = "conditi
 
 
 @contextlib.contextmanager
-def serve_app(args: dict, cache_dir, num_cpus: int = 8, **ray_init_kwargs):
-    """Start Ray (logical CPUs: ``num_cpus``) and Serve on a free loopback port, deploy ``build_app(args)``; yields
-    the base URL. The tiny checkpoint is written into ``cache_dir`` by the replicas (first start)."""
+def serve_app(args: dict, cache_dir, num_cpus: int = 8, ingress_options: dict | None = None, **ray_init_kwargs):
+    """Start Ray (logical CPUs: ``num_cpus``) and Serve on a free loopback port, deploy ``build_app(args)`` (with
+    ``ingress_options`` over the ingress deployment's defaults); yields the base URL. The tiny checkpoint is written
+    into ``cache_dir`` by the replicas (first start)."""
     import ray
     from ray import serve
 
@@ -44,9 +45,9 @@ def serve_app(args: dict, cache_dir, num_cpus: int = 8, **ray_init_kwargs):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        from k2ray.serve.app import build_app
+        from k2ray.serve.app import build_app_with_options
 
-        serve.run(build_app(args), name="k2ray", route_prefix="/")
+        serve.run(build_app_with_options(args, ingress_options), name="k2ray", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(base + "/health", timeout=10).status_code == 200, 180, 0.5, "/health")
         yield base
