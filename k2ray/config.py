@@ -387,8 +387,9 @@ class EngineConfig(BaseModel):
     # the decodes in it are not held up (k2ray/engine/step_cost.py, scheduler.py).
     # attention_cost_tokens: the context length at which a token's attention costs as much as all the rest of its
     # work (projections, experts). For the real K2 the FLOPs balance near 25K tokens (~64 GFLOP per token against
-    # ~2.5 MFLOP per token of context); 8192 leaves room for attention kernels below their peak. The demo on CPU
-    # measures ~500 (deploy/config.yaml). Smaller: shorter steps at long context, longer time to first token.
+    # ~2.5 MFLOP per token of context); 8192 leaves room for attention kernels below their peak. The demo model on a
+    # 2-core CPU measures a few hundred (deploy/config.yaml: 256). Smaller: shorter steps at long context, longer
+    # time to first token for long prompts.
     attention_cost_tokens: int = 8192
     # The step's budget in token-equivalents; None: max_num_batched_tokens (so short-context steps are unchanged).
     max_step_cost: Optional[int] = None
