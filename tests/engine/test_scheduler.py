@@ -499,3 +499,16 @@ def test_kv_cache_sizing_for_256k_context():
     assert EngineConfig(dtype="bfloat16", block_size=64, kv_cache_memory_gb=17.1).kv_blocks_for(k2args) * 64 < 262144
     # 80 GiB per attention worker (deploy/kimi-k2-thinking.yaml): ~1.22M tokens, four 256K sequences
     assert EngineConfig(dtype="bfloat16", block_size=64, kv_cache_memory_gb=80).kv_blocks_for(k2args) * 64 // 262144 == 4
+
+
+def test_long_context_settings_are_validated():
+    from pydantic import ValidationError
+
+    for bad in ({"attention_cost_tokens": 0}, {"max_step_cost": 0}, {"max_step_ms": 0.0},
+                {"max_step_ms": float("inf")}, {"max_step_ms": -5.0}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            EngineConfig(**bad)
+    cfg = EngineConfig(max_num_batched_tokens=512)
+    assert (cfg.attention_cost_tokens, cfg.max_step_cost, cfg.max_step_ms) == (8192, None, None)
+    engine, _ = _engine(max_num_batched_tokens=512)
+    assert engine.scheduler.budget.value == 512  # the default budget: max_num_batched_tokens token-equivalents
