@@ -381,6 +381,21 @@ class EngineConfig(BaseModel):
     # longer is refused as a 400 naming the part at fault (xgrammar keeps compiling it in the background, into its
     # cache, but no request waits for it).
     grammar_compile_timeout_s: float = 10.0
+    # Long context without stalls (#21). A step spends at most a cost budget in token-equivalents, where a token
+    # computed at context c costs 1 + c / attention_cost_tokens (its attention over the c tokens before it), so
+    # prompt chunks at long context are smaller and a step carrying one takes about as long as a short-context step:
+    # the decodes in it are not held up (k2ray/engine/step_cost.py, scheduler.py).
+    # attention_cost_tokens: the context length at which a token's attention costs as much as all the rest of its
+    # work (projections, experts). For the real K2 the FLOPs balance near 25K tokens (~64 GFLOP per token against
+    # ~2.5 MFLOP per token of context); 8192 leaves room for attention kernels below their peak. The demo model on a
+    # 2-core CPU measures a few hundred (deploy/config.yaml: 256). Smaller: shorter steps at long context, longer
+    # time to first token for long prompts.
+    attention_cost_tokens: int = 8192
+    # The step's budget in token-equivalents; None: max_num_batched_tokens (so short-context steps are unchanged).
+    max_step_cost: Optional[int] = None
+    # A target step time: the budget is rescaled from measured steps (an exponential average of ms per
+    # token-equivalent) to max_step_ms / that. A step is never shorter than its decodes plus one block of prompt.
+    max_step_ms: Optional[float] = None
 
     @field_validator("grammar_compile_timeout_s")
     @classmethod
@@ -389,14 +404,21 @@ class EngineConfig(BaseModel):
             raise ValueError("must be positive")
         return v
 
-    @field_validator("block_size", "max_num_seqs", "max_num_batched_tokens")
+    @field_validator("max_step_ms")
+    @classmethod
+    def _positive_opt_float(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not 0 < v < float("inf"):
+            raise ValueError("must be positive and finite")
+        return v
+
+    @field_validator("block_size", "max_num_seqs", "max_num_batched_tokens", "attention_cost_tokens")
     @classmethod
     def _positive_int(cls, v: int) -> int:
         if v <= 0:
             raise ValueError("must be positive")
         return v
 
-    @field_validator("num_kv_blocks", "max_model_len")
+    @field_validator("num_kv_blocks", "max_model_len", "max_step_cost")
     @classmethod
     def _positive_opt(cls, v):
         if v is not None and v <= 0:

@@ -800,6 +800,9 @@ ARGS_CONSTRAINTS: dict[tuple[str, ...], dict] = {
     ("engine", "max_num_seqs"): {"minimum": 1},
     ("engine", "max_num_batched_tokens"): {"minimum": 1},
     ("engine", "max_model_len"): {"minimum": 1},
+    ("engine", "attention_cost_tokens"): {"minimum": 1},
+    ("engine", "max_step_cost"): {"minimum": 1},
+    ("engine", "max_step_ms"): {"exclusiveMinimum": 0},
     ("parallel",): {"allOf": [
         {"if": {"required": ["device"], "properties": {"device": {"const": "cuda"}}},
          "then": {"required": ["gpus_per_worker"], "properties": {"gpus_per_worker": {"exclusiveMinimum": 0}}}},

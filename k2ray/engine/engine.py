@@ -80,6 +80,9 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
+            max_step_cost=config.max_step_cost,
+            attention_cost_tokens=config.attention_cost_tokens,
+            max_step_ms=config.max_step_ms,
         )
         self.input_processor = InputProcessor(self.args, tokenizer, self.eos_token_ids, self.max_model_len, capacity,
                                               config.grammar_compile_timeout_s)
@@ -221,12 +224,14 @@ class LLMEngine:
         t2 = time.perf_counter()
         outputs = [self._retire(req) for req in failed] + self._update(scheduled, result)
         t3 = time.perf_counter()
+        self.scheduler.observe_step(sched.cost, t3 - t0)  # the whole step: what every decode in it waited
         self._record(StepStats(
             schedule_s=t1 - t0, execute_s=t2 - t1, process_s=t3 - t2,
             num_seqs=len(sched.scheduled), num_batched_tokens=sched.num_batched_tokens,
             num_prefill_tokens=sched.num_prefill_tokens, num_decode_tokens=sched.num_decode_tokens,
             num_preempted=len(sched.preempted), grammar_mask_s=built.grammar_mask_s,
-            num_constrained=built.num_constrained, executor=result.stats or {},
+            num_constrained=built.num_constrained, cost=sched.cost, cost_budget=sched.cost_budget,
+            executor=result.stats or {},
         ))
         return outputs
 

@@ -80,7 +80,7 @@ class Sequence:
         "seq_id", "request", "index", "params", "output_ids", "logprobs", "cumulative_logprob", "num_computed",
         "attention_rank", "block_table", "block_hashes", "num_published", "status", "finish_reason", "stop_reason",
         "detok", "text", "stop_checked", "sent_tokens", "sent_text", "num_preemptions", "sample_request",
-        "min_tokens_ban", "holdback", "matcher",
+        "min_tokens_ban", "holdback", "matcher", "prefill_turn",
     )
 
     def __init__(self, seq_id: int, request: "Request", index: int, params: SamplingParams):
@@ -105,6 +105,7 @@ class Sequence:
         self.sent_tokens = 0  # tokens / text already reported (for deltas)
         self.sent_text = 0
         self.num_preemptions = 0
+        self.prefill_turn = -1  # the last scheduler step whose prefill work this sequence led (fair rotation)
         self.sample_request = None  # reused SampleRequest (see k2ray.engine.work)
         self.min_tokens_ban: list[int] = []  # stop tokens the sampler bans before min_tokens
         self.matcher = None  # grammar state when the output is constrained (k2ray.engine.structured)

@@ -1,13 +1,23 @@
 """Continuous-batching scheduler: which sequences run how many tokens in the next step.
 
-Policy, per step, within ``max_num_batched_tokens`` tokens and ``max_num_seqs`` running sequences:
+Each step has two budgets: ``max_num_batched_tokens`` tokens, and a cost budget in token-equivalents
+(:mod:`k2ray.engine.step_cost`: a token at context ``c`` costs ``1 + c / attention_cost_tokens``, so the same number
+of tokens costs more at long context; the budget is ``max_step_cost``, or calibrated to ``max_step_ms``). Policy, per
+step, with at most ``max_num_seqs`` running sequences:
 
-1. Running sequences that decode (one new token each) go first, oldest first, so that a long prompt never stalls
-   generation.
-2. Running sequences still in their prompt (chunked prefill) get the next chunk, oldest first.
-3. Waiting sequences are admitted strictly first-come-first-served: if the head of the queue does not fit (token
-   budget, sequence limit or free cache blocks), nothing behind it is admitted either, so a large request is never
-   starved by a stream of small ones.
+1. Every running sequence that decodes (one new token) is scheduled, oldest first, before any prompt work. Decodes
+   spend the budgets but are never dropped for a prompt chunk (only ``max_num_batched_tokens`` bounds them).
+2. Prompt work takes turns: the running sequences still in their prompt (chunked prefill) and the admission of
+   waiting sequences (3) are served least-recently-led first (ties: admission, then the oldest). The sequence that
+   gets the step's first chunk, and admission if it came from there, "led" the step; the others get what is left.
+   Two long prompts therefore lead alternately instead of the older one taking every step until it is done, and a
+   new request is admitted within a few steps even while a long prompt prefills.
+3. Waiting sequences are admitted strictly first-come-first-served: if the head of the queue does not fit (token or
+   cost budget, sequence limit or free cache blocks), nothing behind it is admitted either, so a large request is
+   never starved by a stream of small ones. No admission in a step that had to preempt.
+4. A chunk is as large as both budgets allow. The step's first chunk is at least one block (``block_size`` tokens,
+   or the rest of the prompt) even over the cost budget, so a long prompt always progresses; later chunks smaller
+   than that wait for their turn instead.
 
 When a running sequence needs a new cache block and its attention worker has none, the most recently arrived running
 sequence on that worker is *preempted by recompute*: its blocks are released (published full blocks stay in the
@@ -25,6 +35,7 @@ from dataclasses import dataclass, field
 
 from k2ray.engine.kv_cache import BlockManager, block_hashes
 from k2ray.engine.request import FinishReason, Sequence, SeqStatus
+from k2ray.engine.step_cost import StepBudget, chunk_cost, max_chunk
 
 
 @dataclass
@@ -33,6 +44,7 @@ class ScheduledSeq:
     start: int  # first position computed this step (== seq.num_computed before the step)
     num_new: int
     sample: bool  # the chunk reaches the last known token: sample the next one
+    cost: int = 0  # token-equivalents (attention included), see k2ray.engine.step_cost
 
 
 @dataclass
@@ -42,6 +54,37 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    cost: int = 0  # token-equivalents of the scheduled chunks
+    cost_budget: int = 0  # the step's cost budget
+
+
+class _Batch:
+    """The chunks chosen so far in one step and what is left of the step's two budgets."""
+
+    def __init__(self, tokens: int, cost: int):
+        self.chosen: dict[int, ScheduledSeq] = {}
+        self.tokens_left = tokens
+        self.cost_left = cost
+        self.num_chunks = 0  # prompt chunks (not decodes)
+
+    def add(self, c: ScheduledSeq) -> None:
+        self.chosen[c.seq.seq_id] = c
+        self.tokens_left -= c.num_new
+        self.cost_left -= c.cost
+        self.num_chunks += _is_chunk(c)
+
+    def drop(self, seq: Sequence) -> None:
+        """Refund a chosen sequence that was preempted later in the step."""
+        c = self.chosen.pop(seq.seq_id, None)
+        if c is not None:
+            self.tokens_left += c.num_new
+            self.cost_left += c.cost
+            self.num_chunks -= _is_chunk(c)
+
+
+def _is_chunk(c: ScheduledSeq) -> int:
+    """1 for prompt work, 0 for a decode (one token, sampled)."""
+    return int(c.num_new > 1 or not c.sample)
 
 
 def _order(seq: Sequence) -> tuple[int, int]:
@@ -58,10 +101,17 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_prefix_caching: bool = True,
         watermark: float = 0.01,
+        max_step_cost: int | None = None,
+        attention_cost_tokens: int = 8192,
+        max_step_ms: float | None = None,
     ):
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.attention_cost_tokens = attention_cost_tokens
+        self.budget = StepBudget(max_step_cost or max_num_batched_tokens, max_step_ms)
+        self.num_steps = 0  # schedule() calls: the clock of the prefill rotation
+        self.admission_turn = -1  # the last step whose prefill work admission led
         self.managers = [BlockManager(num_blocks, block_size, enable_prefix_caching) for _ in range(num_attention_workers)]
         # Admission keeps this many blocks free per attention worker so running sequences can grow without preemption.
         self.watermark_blocks = int(watermark * num_blocks)
@@ -127,59 +177,93 @@ class Scheduler:
 
     # -- the step ------------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        chosen: dict[int, ScheduledSeq] = {}
+        self.num_steps += 1
+        out = SchedulerOutput(cost_budget=self.budget.value)
+        batch = _Batch(self.max_num_batched_tokens, out.cost_budget)
 
-        # 1 + 2: running sequences; decodes first, then prefill chunks, each oldest first.
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed == 1]
-        if len(decodes) == len(self.running):
-            passes = (decodes,)
-        else:
-            passes = (decodes, [s for s in self.running if s.num_tokens - s.num_computed > 1])
-        for group in passes:
-            for seq in group:
-                if budget <= 0:
-                    break
-                if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
-                    continue
-                n = min(seq.num_tokens - seq.num_computed, budget)
-                need = self._blocks_for(seq.num_computed + n) - len(seq.block_table)
-                if need > 0 and not self._make_room(seq, need, chosen, out):
-                    continue  # seq itself was preempted
-                if need > 0:
-                    seq.block_table.extend(self.managers[seq.attention_rank].allocate(need))
-                chosen[seq.seq_id] = ScheduledSeq(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens)
-                budget -= n
+        # 1: every decode, oldest first (a chunk never displaces one).
+        for seq in [s for s in self.running if s.num_tokens - s.num_computed == 1]:
+            if batch.tokens_left <= 0:
+                break
+            if seq.status is SeqStatus.RUNNING:  # else preempted earlier in this loop
+                self._schedule_running(seq, 1, batch, out)
 
-        # Refund the budget of sequences preempted after being chosen (they are no longer in `chosen`).
-        budget = self.max_num_batched_tokens - sum(c.num_new for c in chosen.values())
-
-        # 3: admit waiting sequences, strictly FCFS; not while the cache is under pressure this step.
-        if not out.preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                seq = self.waiting[0]
-                sched = self._admit(seq, budget)
-                if sched is None:
-                    break
-                self.waiting.pop(0)
-                seq.status = SeqStatus.RUNNING
-                bisect.insort(self.running, seq, key=_order)
-                self.running_per_rank[seq.attention_rank] += 1
-                chosen[seq.seq_id] = sched
-                budget -= sched.num_new
+        # 2: prompt work in turns, least recently led first; None stands for admission (3).
+        prefills = sorted((s for s in self.running if s.num_tokens - s.num_computed > 1),
+                          key=lambda s: (s.prefill_turn, _order(s)))
+        k = bisect.bisect_left([s.prefill_turn for s in prefills], self.admission_turn)
+        for turn in prefills[:k] + [None] + prefills[k:]:
+            if batch.tokens_left <= 0:
+                break
+            leader = None
+            if turn is None:
+                if not out.preempted:  # not while the cache is under pressure this step
+                    leader = self._admit_waiting(batch)
+                    if leader is not None:
+                        self.admission_turn = self.num_steps
+            elif turn.status is SeqStatus.RUNNING:  # else preempted earlier in this step
+                n = self._chunk_size(turn.num_computed, turn.num_tokens - turn.num_computed, batch)
+                if n:
+                    leader = turn if batch.num_chunks == 0 else None
+                    self._schedule_running(turn, n, batch, out)
+            if leader is not None:
+                leader.prefill_turn = self.num_steps
 
         # Present in arrival order (deterministic batches).
-        out.scheduled = sorted(chosen.values(), key=lambda c: _order(c.seq))
+        out.scheduled = sorted(batch.chosen.values(), key=lambda c: _order(c.seq))
         for c in out.scheduled:
             out.num_batched_tokens += c.num_new
-            if c.sample and c.num_new == 1:
-                out.num_decode_tokens += 1
-            else:
+            out.cost += c.cost
+            if _is_chunk(c):
                 out.num_prefill_tokens += c.num_new
+            else:
+                out.num_decode_tokens += 1
         return out
 
-    def _make_room(self, seq: Sequence, need: int, chosen: dict[int, ScheduledSeq], out: SchedulerOutput) -> bool:
+    def observe_step(self, cost: int, seconds: float) -> None:
+        """A step's cost and wall time, for the budget's calibration to ``max_step_ms``."""
+        self.budget.observe(cost, seconds)
+
+    def _chunk_size(self, start: int, remaining: int, batch: _Batch) -> int:
+        """Tokens of a prompt chunk at context ``start`` that fit both budgets; at least one block for the step's
+        first chunk (progress), and no fragment below a block for the others (0: wait for the next turn)."""
+        limit = min(remaining, batch.tokens_left)
+        n = max_chunk(start, limit, batch.cost_left, self.attention_cost_tokens)
+        floor = min(self.block_size, limit)
+        if batch.num_chunks == 0:
+            return max(n, floor)
+        return n if n >= min(self.block_size, remaining) else 0
+
+    def _schedule_running(self, seq: Sequence, n: int, batch: _Batch, out: SchedulerOutput) -> None:
+        """Blocks for ``n`` more tokens of a running sequence (preempting younger ones if needed), then choose it."""
+        need = self._blocks_for(seq.num_computed + n) - len(seq.block_table)
+        if need > 0:
+            if not self._make_room(seq, need, batch, out):
+                return  # seq itself was preempted
+            seq.block_table.extend(self.managers[seq.attention_rank].allocate(need))
+        start = seq.num_computed
+        batch.add(ScheduledSeq(seq, start, n, start + n == seq.num_tokens,
+                               chunk_cost(n, start, self.attention_cost_tokens)))
+
+    def _admit_waiting(self, batch: _Batch) -> Sequence | None:
+        """Admit waiting sequences strictly in arrival order while they fit. Returns the admitted sequence whose chunk
+        is the step's first (it led the step), if any."""
+        leader = None
+        while self.waiting and batch.tokens_left > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            sched = self._admit(seq, batch)
+            if sched is None:
+                break
+            self.waiting.pop(0)
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self.running, seq, key=_order)
+            self.running_per_rank[seq.attention_rank] += 1
+            if batch.num_chunks == 0 and _is_chunk(sched):
+                leader = seq
+            batch.add(sched)
+        return leader
+
+    def _make_room(self, seq: Sequence, need: int, batch: _Batch, out: SchedulerOutput) -> bool:
         """Free ``need`` blocks on ``seq``'s attention worker by preempting younger sequences there (latest first).
         Returns False if ``seq`` had to preempt itself."""
         bm = self.managers[seq.attention_rank]
@@ -192,14 +276,14 @@ class Scheduler:
                     victim = cand
                     break
             if victim is None:
-                chosen.pop(seq.seq_id, None)
+                batch.drop(seq)
                 self._preempt(seq, out)
                 return False
-            chosen.pop(victim.seq_id, None)
+            batch.drop(victim)
             self._preempt(victim, out)
         return True
 
-    def _admit(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
+    def _admit(self, seq: Sequence, batch: _Batch) -> ScheduledSeq | None:
         """Place ``seq``, take its cached prefix and blocks for its first chunk; None if it does not fit now."""
         bs = self.block_size
         total = seq.num_tokens
@@ -221,7 +305,9 @@ class Scheduler:
             hit = self.managers[rank].match_prefix(hashes)
         bm = self.managers[rank]
         start = len(hit) * bs
-        n = min(total - start, budget)
+        n = self._chunk_size(start, total - start, batch)
+        if n == 0:
+            return None
         need = self._blocks_for(start + n) - len(hit)
         reviving = sum(1 for b in hit if bm.ref_count(b) == 0)  # cached blocks nobody holds count as free
         reserve = self.watermark_blocks if self.running_per_rank[rank] else 0
@@ -235,7 +321,7 @@ class Scheduler:
         if seq.request.num_cached_tokens is None:
             seq.request.num_cached_tokens = start
         bm.record_lookup(total, start)
-        return ScheduledSeq(seq, start, n, start + n == total)
+        return ScheduledSeq(seq, start, n, start + n == total, chunk_cost(n, start, self.attention_cost_tokens))
 
     def _pick_attention_rank(self, hashes: list[bytes]) -> tuple[int, list[int]]:
         best = None

@@ -17,6 +17,8 @@ class StepStats:
     num_preempted: int
     grammar_mask_s: float = 0.0  # part of schedule_s: token masks of the constrained sequences
     num_constrained: int = 0  # sequences sampled under a grammar this step
+    cost: int = 0  # token-equivalents scheduled (attention at context included; k2ray.engine.step_cost)
+    cost_budget: int = 0  # the step's cost budget (max_step_cost, or calibrated to max_step_ms)
     executor: dict = field(default_factory=dict)  # executor-specific timings/counters (StepOutput.stats)
 
     def as_dict(self) -> dict:
