@@ -58,7 +58,7 @@ def test_campaign_dry_run(tmp_path):
     assert all(p["bf16_ref_s"] and p["max_rel_err"] is not None and p["max_rel_err"] < 3e-2 for p in kinds["MoEPoint"])
     assert len(kinds["MLAPoint"]) == len(camp.DRY.mla_contexts) * len(camp.DRY.mla_batches)
     assert [p["batch"] for p in kinds["LayerPoint"]] == list(camp.DRY.layer_batches)
-    assert all(p["floor_s"] and p["eager_s"] > 0 for p in kinds["LayerPoint"])
+    assert all(p["floor_s"] and p["seconds"] > 0 and p["mode"] == "eager" for p in kinds["LayerPoint"])
     engine = kinds["EnginePoint"]
     assert {(p["system"], p["concurrency"]) for p in engine} == {
         (s, c) for s in ("k2ray", "transformers") for c in camp.DRY.concurrency}
@@ -89,9 +89,11 @@ def test_summary_judges_the_targets_on_gpu_figures():
         nbytes = 200e6
         rows.append(row(camp.MoEPoint(t, 8, int(nbytes), nbytes / (0.7 * bw), 0.0, 0.7, 3 * nbytes / (0.7 * bw), 3.0)))
     rows.append(row(camp.MLAPoint(64, 8192, int(600e6), 600e6 / (0.4 * bw), 0.0, 0.4)))
-    rows.append(row(camp.LayerPoint(1, 4096, 8, int(490e6), 490e6 / bw, 1e-3, 2e-4, 6.1, 1.22)))
+    rows.append(row(camp.LayerPoint(1, 4096, "eager", 8, int(490e6), 490e6 / bw, 1e-3, 6.1)))
+    rows.append(row(camp.LayerPoint(1, 4096, "cuda-graph", 8, int(490e6), 490e6 / bw, 2e-4, 1.22)))
     text = camp.summary_markdown(rows, dry=False)
     assert "Target at 8–64 tokens: **met**" in text
     assert "Target at 8K (batch 64): **missed** (40.0%)" in text
     assert "Target at batch 1: **met** (1.22× the floor" in text
+    assert "| 1 | 4096 | 8 | 490.0 | 163.3 µs | 1000.0 µs | 6.10× | 200.0 µs | 1.22× |" in text
     assert "NOT GPU figures" not in text

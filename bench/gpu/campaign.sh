@@ -45,3 +45,7 @@ else
 fi
 export PYTHONUNBUFFERED=1
 $py bench/gpu/campaign.py --out "$out" "$@" 2>&1 | tee -a "$log"
+rc=$?
+# The summary last, so that the end of the output (all a device call's reply may carry) is the report itself.
+[ -f "$out/summary.md" ] && { echo; cat "$out/summary.md"; }
+exit $rc
