@@ -97,3 +97,17 @@ def test_summary_judges_the_targets_on_gpu_figures():
     assert "Target at batch 1: **met** (1.22× the floor" in text
     assert "| 1 | 4096 | 8 | 490.0 | 163.3 µs | 1000.0 µs | 6.10× | 200.0 µs | 1.22× |" in text
     assert "NOT GPU figures" not in text
+
+
+def test_a_raising_check_is_recorded_and_the_section_goes_on(tmp_path):
+    camp = _campaign()
+    ctx = camp.Ctx("correctness", True, tmp_path, 60, None)
+
+    def boom():
+        raise RuntimeError("PassManager::run failed\nsecond line")
+
+    camp._guard(ctx, "fused_moe/x", boom)
+    camp._guard(ctx, "fused_moe/y", lambda name: ctx.emit(camp.Check(name, True, "fine")))
+    rows = camp.read_results(tmp_path / "results.jsonl")
+    assert [(r["name"], r["ok"]) for r in rows] == [("fused_moe/x", False), ("fused_moe/y", True)]
+    assert rows[0]["detail"] == "raised RuntimeError: PassManager::run failed second line"
