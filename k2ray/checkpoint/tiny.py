@@ -3,11 +3,18 @@
 Same tensor names, config keys and quantization block as the real model; INT4 pack-quantized routed experts, bf16
 everything else, fp32 ``e_score_correction_bias``; two safetensors shards plus the index; tokenizer files whose 256
 special tokens follow a small BPE vocabulary at the K2 offsets.
+
+``--preset k2-mini`` writes the same format at Kimi K2's real layer shapes and vocabulary (163,840 ids) with 3 layers:
+the dense one and two MoE layers of 384 INT4 experts plus the shared expert (about 25 GB). Its tensors are cut from
+seeded random pools shard by shard as the shards are written (:func:`write_checkpoint_lazily`), so it takes seconds
+and one shard of memory, and the same seed gives the same bytes on any machine.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -143,6 +150,11 @@ def write_checkpoint(out_dir: str | Path, config: dict, state: dict[str, torch.T
         save_file({n: tensors[n] for n in chunk}, str(out / shard), metadata={"format": "pt"})
         weight_map.update({n: shard for n in chunk})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_metadata(out, config, weight_map, total)
+
+
+def _write_metadata(out: Path, config: dict, weight_map: dict[str, str], total: int) -> None:
+    """The index, config.json and generation_config.json beside the shards."""
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -173,4 +185,156 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     args = ModelArgs.from_dict(config)
     write_checkpoint(out_dir, config, random_state_dict(args, seed))
     write_tokenizer_files(out_dir)
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# k2-mini: real Kimi K2 layer shapes and vocabulary, 3 layers (the dense one + 2 MoE layers of 384 INT4 experts)
+
+K2_BASE_VOCAB = 163_584  # K2's BPE tokens; its 256 specials follow (vocab_size 163,840)
+K2_DIMS = {
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "n_routed_experts": 384,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+}
+PRESETS = ("tiny", "k2-mini")
+
+
+def k2_mini_config(overrides: dict | None = None) -> dict:
+    """K2-Thinking's config with 3 layers (layer 0 dense, layers 1-2 MoE); ``overrides`` replace keys (tests and the
+    GPU campaign's dry run shrink the dims, keeping the vocabulary)."""
+    config = tiny_config(K2_BASE_VOCAB)
+    config.update(K2_DIMS, num_hidden_layers=3)
+    config.update(overrides or {})
+    return config
+
+
+class _Pools:
+    """Deterministic random pools; a tensor is cut from a pool as one window per row (row ``r`` starts at
+    ``(crc32(name) + r * 7919) mod span``), so writing tens of GB costs one gather per tensor, not a random draw per
+    value. Rows differ from each other, and the content does not depend on the machine (CPU generator)."""
+
+    SIZE = 1 << 22
+    STEP = 7919
+
+    def __init__(self, seed: int, expert_std: float = 0.02):
+        g = torch.Generator().manual_seed(seed)
+        normal = torch.randn(self.SIZE, generator=g)
+        self.bf16 = {
+            "normal": (0.02 * normal).to(torch.bfloat16),
+            "norm": (1.0 + 0.1 * normal).to(torch.bfloat16),
+        }
+        self.fp32_small = 0.01 * normal
+        self.words = torch.randint(-(2**31), 2**31 - 1, (self.SIZE,), dtype=torch.int32, generator=g)
+        # INT4 nibbles are uniform in -8..7 (std ~4.6): scales around expert_std / 4.6 give weights of ~expert_std.
+        base = expert_std / 4.6
+        self.bf16["scale"] = (base * (0.5 + torch.rand(self.SIZE, generator=g))).to(torch.bfloat16)
+
+    def cut(self, pool: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        cols = shape[-1]
+        rows = 1
+        for d in shape[:-1]:
+            rows *= d
+        span = pool.numel() - cols + 1
+        if span < 1:
+            raise ValueError(f"{name}: rows of {cols} values exceed the pool")
+        start = zlib.crc32(name.encode())
+        offsets = (start + torch.arange(rows, dtype=torch.int64) * self.STEP) % span
+        return pool.unfold(0, cols, 1).index_select(0, offsets).view(shape)
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The checkpoint tensor ``name`` (dtype and distribution from its name, as :func:`write_checkpoint`)."""
+        if name.endswith(".weight_packed"):
+            return self.cut(self.words, name, shape)
+        if name.endswith(".weight_scale"):
+            return self.cut(self.bf16["scale"], name, shape)
+        if name.endswith("e_score_correction_bias"):
+            return self.cut(self.fp32_small, name, shape)
+        if name.endswith("norm.weight") or "layernorm" in name:
+            return self.cut(self.bf16["norm"], name, shape)
+        return self.cut(self.bf16["normal"], name, shape)
+
+
+def _k2_specs(args) -> list[tuple[str, tuple[int, ...], torch.dtype, tuple[int, int] | None]]:
+    """Every tensor of a K2-format checkpoint of ``args`` in file order: (name, shape, dtype, the logical
+    ``[out, in]`` of a ``weight_shape`` tensor or None)."""
+    from k2ray.model.model import KimiK2ForCausalLM
+
+    with torch.device("meta"):
+        model = KimiK2ForCausalLM(args, with_experts=False)
+    specs = []
+    for name, t in model.state_dict().items():
+        dtype = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
+        specs.append((name, tuple(t.shape), dtype, None))
+    h, i, g = args.hidden_size, args.moe_intermediate_size, 32
+    for layer in args.moe_layers:
+        for e in range(args.n_routed_experts):
+            for proj, (out, inp) in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+                base = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                specs += [(base + ".weight_packed", (out, inp // 8), torch.int32, None),
+                          (base + ".weight_scale", (out, inp // g), torch.bfloat16, None),
+                          (base + ".weight_shape", (2,), torch.int32, (out, inp))]
+    return sorted(specs, key=lambda s: _layer_key(s[0]))
+
+
+def write_checkpoint_lazily(out_dir: str | Path, config: dict, seed: int = 0,
+                            shard_bytes: int = 2 * 2**30) -> Path:
+    """A K2-format checkpoint of ``config`` whose tensors are made shard by shard as they are written (memory: one
+    shard), cut from :class:`_Pools`; deterministic for a seed. Same names, dtypes and index as
+    :func:`write_checkpoint`."""
+    from k2ray.config import ModelArgs
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args = ModelArgs.from_dict(config)
+    specs = _k2_specs(args)
+    shards: list[list] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * spec[2].itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    pools = _Pools(seed)
+    weight_map, total = {}, 0
+    for s, chunk in enumerate(shards):
+        name = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for tname, shape, _, logical in chunk:
+            if logical is not None:
+                tensors[tname] = torch.tensor(list(logical), dtype=torch.int32)
+            else:
+                tensors[tname] = pools.tensor(tname, shape)
+            total += tensors[tname].numel() * tensors[tname].element_size()
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update({n: name for n in tensors})
+        del tensors
+    _write_metadata(out, config, weight_map, total)
+    return out
+
+
+def make_preset(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overrides: dict | None = None) -> Path:
+    """``k2ray make-tiny --preset``: ``tiny`` (:func:`make_tiny`) or ``k2-mini`` (real K2 layer shapes and
+    vocabulary, 3 layers, 384 INT4 experts per MoE layer: about 25 GB, written lazily)."""
+    from k2ray.tokenizer.tiny import write_tokenizer_files
+
+    if preset == "tiny":
+        if overrides:
+            raise ValueError("the tiny preset takes no overrides")
+        return make_tiny(out_dir, seed=seed)
+    if preset != "k2-mini":
+        raise ValueError(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    config = k2_mini_config(overrides)
+    write_checkpoint_lazily(out_dir, config, seed=seed)
+    write_tokenizer_files(out_dir, base_vocab=config["vocab_size"] - 256)
     return Path(out_dir)
