@@ -166,3 +166,20 @@ def test_per_layer_placement():
     before = eplb.predicted_balancedness(uniform, loads)
     after = eplb.predicted_balancedness(pl, loads)
     assert all(a >= b for a, b in zip(after, before)) and min(after) > 0.97
+
+
+@pytest.mark.parametrize("old,new", [
+    ([0, 1, 2, 3], [3, 9, 1, 8]),  # two kept in place, two new into the freed slots
+    ([0, 1, 2], [2, 0, 5, 6]),  # grows: new experts fill the freed slot, then the end
+    ([0, 1, 2, 3, 4], [4, 1, 7]),  # shrinks: 4 moves into a hole
+    ([0, 0, 1], [0, 1, 2]),  # a duplicate in the old table keeps only its first slot
+])
+def test_align_slots_keeps_experts_in_place(old, new):
+    got = eplb.align_slots(old, new)
+    assert sorted(got) == sorted(new)
+    width = len(got)
+    moved = [e for j, e in enumerate(got) if e in old and (j >= len(old) or old[j] != e)]
+    for e in moved:  # an expert that changes slot comes from a slot the new table no longer uses
+        assert min(i for i, x in enumerate(old) if x == e) >= width or old.count(e) > 1 or e not in old[:width]
+    kept_in_place = [j for j, e in enumerate(got) if j < len(old) and old[j] == e]
+    assert len(kept_in_place) >= len(set(old[:width]) & set(new)) - len(moved)

@@ -188,29 +188,6 @@ def fill_experts(experts: torch.nn.Module, loader: "WeightLoader", layer: int, i
             experts.w2.copy_(w2)
 
 
-def refill_experts(
-    new: torch.nn.Module, new_ids: list[int], old: torch.nn.Module, old_ids: list[int], loader: "WeightLoader",
-    layer: int,
-) -> list[int]:
-    """Fill ``new`` (a :class:`~k2ray.model.moe.RoutedExperts` with ``len(new_ids)`` slots) with ``new_ids`` of
-    ``layer``: experts that ``old`` already holds (in the slots of ``old_ids``) are copied from it, only the others are
-    read from the checkpoint, once each. Returns the experts read. ``old`` is only read, so it may keep serving."""
-    have = {e: j for j, e in enumerate(old_ids)}
-    missing = sorted({e for e in new_ids if e not in have})
-    if new.int4:
-        read = loader.load_experts_int4(layer, missing) if missing else {}
-    else:
-        read = dict(zip(("w13", "w2"), loader.load_experts(layer, missing))) if missing else {}
-    pos = {e: i for i, e in enumerate(missing)}
-    names = ("w13_packed", "w13_scale", "w2_packed", "w2_scale") if new.int4 else ("w13", "w2")
-    with torch.no_grad():
-        for name in names:
-            dst, src = getattr(new, name), getattr(old, name)
-            for slot, e in enumerate(new_ids):
-                dst[slot].copy_(src[have[e]] if e in have else read[name][pos[e]])
-    return missing
-
-
 def load_model(
     model_dir: str | Path,
     dtype: torch.dtype = torch.float32,

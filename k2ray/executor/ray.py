@@ -102,7 +102,10 @@ class RayExecutor:
         bundle_nodes = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {})
         self.bundle_nodes = [bundle_nodes.get(self._bundle_offset + i) for i in range(n)]
         self.shard_nodes = [str(x) for x in self.bundle_nodes[p.attention_workers :]]
-        base = ExpertPlacement.contiguous(self.args.n_routed_experts, p.expert_shards, p.redundant_experts,
+        # Room for the EPLB copies from the start (the first experts until a plan knows the hot ones), so a rebalance
+        # does not grow the shards.
+        redundant = p.redundant_experts or p.eplb.redundant_slots_per_shard * p.expert_shards
+        base = ExpertPlacement.contiguous(self.args.n_routed_experts, p.expert_shards, redundant,
                                           shard_nodes=self.shard_nodes)
         n_moe = len(self.args.moe_layers)
         self.placement = PerLayerPlacement.uniform(base, n_moe)
@@ -350,6 +353,7 @@ class RayExecutor:
             return {**base, "started": False, "reason": "no expert load measured yet"}
         new = eplb.plan(loads, self.layout.expert_shards, self.redundant_slots_per_shard(), self.shard_nodes,
                         version=current.version + 1)
+        new = eplb.align(new, current)  # experts a shard keeps stay in their slots: only new ones are loaded
         old_b = eplb.predicted_balancedness(current, loads)
         new_b = eplb.predicted_balancedness(new, loads)
         out = {**base, "old_balancedness": sum(old_b) / len(old_b), "new_balancedness": sum(new_b) / len(new_b),

@@ -154,6 +154,38 @@ def plan(
     )
 
 
+def align_slots(old: Sequence[int], new: Sequence[int]) -> list[int]:
+    """``new``'s experts in the slot order that keeps every expert ``old`` also holds in its slot: the experts new
+    to the shard take the freed slots, then slots beyond ``old``'s, so a shard loads only what is new to it and
+    overwrites only what it drops. If the shard has fewer slots than before, experts from the end move into the
+    holes (from slots the new table no longer uses, so they are not overwritten first)."""
+    wanted = set(new)
+    out: list[int | None] = []
+    placed: set[int] = set()
+    for e in old:
+        keep = e in wanted and e not in placed  # an expert held twice keeps its first slot
+        out.append(e if keep else None)
+        if keep:
+            placed.add(e)
+    incoming = iter([e for e in new if e not in placed])
+    out = [e if e is not None else next(incoming, None) for e in out]
+    out.extend(incoming)
+    while None in out:
+        last = out.pop()
+        if last is not None:
+            out[out.index(None)] = last
+    return out  # type: ignore[return-value]
+
+
+def align(new: PerLayerPlacement, current: PerLayerPlacement) -> PerLayerPlacement:
+    """``new`` with each shard's slots ordered by :func:`align_slots` against ``current``."""
+    layers = []
+    for p_new, p_old in zip(new.layers, current.layers):
+        shards = tuple(tuple(align_slots(o, n)) for o, n in zip(p_old.shard_experts, p_new.shard_experts))
+        layers.append(ExpertPlacement(p_new.n_experts, p_new.n_shards, shards))
+    return PerLayerPlacement(tuple(layers), new.version)
+
+
 def predicted_balancedness(placement: PerLayerPlacement, loads: Sequence[Sequence[float]]) -> list[float]:
     """Balancedness per layer if ``loads`` were served by ``placement`` (tokens split evenly over copies)."""
     return [balancedness(p.shard_loads(load)) for p, load in zip(placement.layers, loads)]

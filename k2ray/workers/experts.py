@@ -1,9 +1,9 @@
 """ExpertShard: the routed experts assigned to this shard, per MoE layer; reads only their tensors.
 
-A live rebalance stages the new assignment in the background (:meth:`ExpertShard.stage`: experts the shard already
-holds are copied, only the new ones are read from the checkpoint), then :meth:`ExpertShard.step` switches to it at
-the step the executor names and drops the old weights. Meanwhile the shard holds both (room for one more copy of its
-experts)."""
+A live rebalance stages the new assignment in the background (:meth:`ExpertShard.stage` reads only the experts new
+to the shard from the checkpoint, into a small buffer), then :meth:`ExpertShard.step` switches to it at the step the
+executor names: the new experts overwrite, in place, the slots of the experts the shard no longer serves. The extra
+memory is the staged experts only, and the pause a copy of them on the device."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import torch
 
 from k2ray import logs
-from k2ray.checkpoint.loader import WeightLoader, fill_experts, refill_experts
+from k2ray.checkpoint.loader import WeightLoader, fill_experts
 from k2ray.config import EngineConfig, ModelArgs
 from k2ray.model.moe import RoutedExperts
 from k2ray.parallel.dispatch import ExpertServer
@@ -23,6 +23,15 @@ from k2ray.workers.node import node_id, node_ip
 from k2ray.workers.staging import Stager
 
 log = logging.getLogger(__name__)
+
+
+class _Slots:
+    """Some slots of a module's experts, in a given order, as a source for :meth:`RoutedExperts.put`."""
+
+    def __init__(self, mod: RoutedExperts, slots: list[int]):
+        for name in mod.weight_names:
+            setattr(self, name, getattr(mod, name)[slots].clone())
+        self.weight_names = mod.weight_names
 
 
 class ExpertShard:
@@ -97,20 +106,36 @@ class ExpertShard:
         )
 
     def stage(self, version: int, layer_experts: list[list[int]]) -> None:
-        """Load the assignment of placement ``version`` in the background (returns at once)."""
-        self.stager.start(version, lambda: self._build(layer_experts))
+        """Load the experts that placement ``version`` newly assigns to this shard, in the background (returns at
+        once). ``layer_experts`` keeps every expert the shard still serves in its slot (``eplb.align``)."""
+        self.stager.start(version, lambda: self._read_new(layer_experts))
 
     @torch.inference_mode()
-    def _build(self, layer_experts: list[list[int]]) -> tuple[list[list[int]], list[RoutedExperts]]:
+    def _read_new(self, layer_experts: list[list[int]]) -> tuple[list[list[int]], list[RoutedExperts]]:
+        """Per layer, the experts new to this shard in a small module of their own (read from the checkpoint)."""
         t0 = time.perf_counter()
-        layers, read = [], 0
-        for i, (layer, experts) in enumerate(zip(self.args.moe_layers, layer_experts)):
-            mod = RoutedExperts(self.args, num_local=len(experts), dtype=self.dtype, int4=self.int4).to(self.device)
-            read += len(refill_experts(mod, experts, self.layers[i], self.layer_experts[i], self.loader, layer))
-            layers.append(mod)
-        log.info("expert shard %d: next placement staged in %.2fs (%d experts read from the checkpoint)",
-                 self.shard, time.perf_counter() - t0, read)
-        return [list(e) for e in layer_experts], layers
+        staged = []
+        for layer, old, new in zip(self.args.moe_layers, self.layer_experts, layer_experts):
+            fresh = [e for e in new if e not in old]
+            mod = RoutedExperts(self.args, num_local=len(fresh), dtype=self.dtype, int4=self.int4)
+            fill_experts(mod, self.loader, layer, fresh)
+            staged.append(mod.to(self.device))
+        log.info("expert shard %d: next placement staged in %.2fs (%d experts read)", self.shard,
+                 time.perf_counter() - t0, sum(m.num_local for m in staged))
+        return [list(e) for e in layer_experts], staged
+
+    def _switch(self, version: int) -> None:
+        """Take up the staged placement in place: new experts overwrite the slots of dropped ones (a shard with fewer
+        slots than before moves experts from its tail into the holes)."""
+        layer_experts, staged = self.stager.take(version)
+        for mod, old, new, fresh in zip(self.layers, self.layer_experts, layer_experts, staged):
+            moved = [(j, old.index(e)) for j, e in enumerate(new) if e in old and (j >= len(old) or old[j] != e)]
+            tail = _Slots(mod, [i for _, i in moved])  # copied before anything is overwritten
+            mod.resize(len(new))
+            mod.put([new.index(e) for e in new if e not in old], fresh)
+            mod.put([j for j, _ in moved], tail)
+        self.layer_experts, self.version = layer_experts, version
+        self.server.set_experts(self.layers, self.width)
 
     @torch.inference_mode()
     def step(self, tokens_per_worker: list[int], switch: int | None = None) -> dict:
@@ -118,9 +143,7 @@ class ExpertShard:
         pause = None
         if switch is not None:
             t0 = time.perf_counter()
-            self.layer_experts, self.layers = self.stager.take(switch)  # the old modules are dropped here
-            self.version = switch
-            self.server.set_experts(self.layers, self.width)
+            self._switch(switch)
             pause = time.perf_counter() - t0
         d = self.server.run_step(tokens_per_worker)
         d.update(self.stager.report())
