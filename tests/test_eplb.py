@@ -183,3 +183,79 @@ def test_align_slots_keeps_experts_in_place(old, new):
         assert min(i for i, x in enumerate(old) if x == e) >= width or old.count(e) > 1 or e not in old[:width]
     kept_in_place = [j for j, e in enumerate(got) if j < len(old) and old[j] == e]
     assert len(kept_in_place) >= len(set(old[:width]) & set(new)) - len(moved)
+
+
+def test_load_window_slides_and_measures_balancedness():
+    from k2ray.parallel.load_window import LoadWindow
+
+    w = LoadWindow(n_layers=2, n_experts=4, n_shards=2, window_steps=2)
+    assert w.balancedness() is None
+    w.add([[4, 0, 0, 0], [1, 1, 1, 1]], [[4, 0], [2, 2]])
+    w.add([[0, 2, 2, 0], [1, 1, 1, 1]], [[2, 2], [2, 2]])
+    assert w.expert_load() == [[4, 2, 2, 0], [2, 2, 2, 2]]
+    assert w.balancedness() == [pytest.approx(4 / 6), 1.0]
+    w.add([[0, 0, 0, 2], [0, 0, 0, 0]], [[0, 2], [0, 0]])  # the first step leaves the window
+    assert w.steps == 2 and w.expert_load() == [[0, 2, 2, 2], [1, 1, 1, 1]]
+    assert w.shard_load() == [[2, 4], [2, 2]]
+    w.clear()
+    assert w.steps == 0 and w.balancedness() is None
+
+
+def test_eplb_config_validation():
+    from k2ray.config import ConfigError, ModelArgs, ParallelConfig
+    from k2ray.checkpoint.tiny import tiny_config
+
+    assert ParallelConfig().eplb.interval_steps == 0  # periodic rebalancing is off by default
+    ok = ParallelConfig(executor="ray", expert_shards=2, eplb={"window_steps": 64, "interval_steps": 128,
+                                                                "redundant_slots_per_shard": 2})
+    assert ok.eplb.redundant_slots_per_shard == 2
+    bad = [
+        {"eplb": {"window_steps": 0}},
+        {"eplb": {"redundant_slots_per_shard": -1}},
+        {"eplb": {"interval_steps": 10, "window_steps": 64}, "executor": "ray", "expert_shards": 2},
+        {"eplb": {"interval_steps": 128}},  # local executor: one shard, nothing to balance
+        {"eplb": {"windows": 3}},
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            ParallelConfig(**kw)
+    args = ModelArgs.from_dict(tiny_config())  # 32 experts
+    with pytest.raises(ConfigError, match="redundant_slots_per_shard"):
+        ParallelConfig(executor="ray", expert_shards=2, eplb={"redundant_slots_per_shard": 17}).check_against(args)
+
+
+def test_metered_executor_exports_balancedness_and_rebalances():
+    """The router's metering wrapper turns the executor's window and switch stats into the EPLB metrics."""
+    from types import SimpleNamespace
+
+    from k2ray import metrics
+    from k2ray.runtime.step import StepInput, StepOutput, SeqWork
+    from k2ray.serve.step_metrics import MeteredExecutor
+
+    class Inner:
+        args = SimpleNamespace(moe_layers=[1, 2], n_routed_experts=4)
+        block_size, num_kv_blocks, num_attention_workers, failed = 8, 8, 1, None
+
+        def execute(self, step):
+            return StepOutput(results={}, stats={"eplb_switch_s": 0.003, "expert_tokens": {(0, 0): 2},
+                                                 "expert_layer_tokens": {(1, 0, 0): 2}})
+
+        def balancedness(self):
+            return {1: 0.5, 2: 1.0}
+
+        def rebalance(self):
+            return {"started": True}
+
+    reg = metrics.configure(backend="prometheus")
+    try:
+        ex = MeteredExecutor(Inner(), "m", expert_shards=2)
+        ex.execute(StepInput([SeqWork(seq_id=0, token_ids=[1], start_pos=0, block_table=[0], attention_rank=0)]))
+        ex.flush_expert_load()
+        assert ex.rebalance() == {"started": True}
+        text = reg.exposition().decode()
+        assert 'k2ray_expert_balancedness{layer="1",model="m"} 0.5' in text
+        assert 'k2ray_expert_balancedness{layer="mean",model="m"} 0.75' in text
+        assert 'k2ray_eplb_rebalances_total{model="m"} 1.0' in text
+        assert 'k2ray_eplb_switch_seconds_count{model="m"} 1.0' in text
+    finally:
+        metrics.configure()
