@@ -397,7 +397,7 @@ class ParallelConfig(BaseModel):
                 f"{args.n_routed_experts}"
             )
         slots = -(-args.n_routed_experts // self.expert_shards) + self.eplb.redundant_slots_per_shard
-        if self.eplb.redundant_slots_per_shard and slots > args.n_routed_experts:
+        if self.expert_shards > 1 and self.eplb.redundant_slots_per_shard and slots > args.n_routed_experts:
             raise ConfigError(
                 f"parallel.eplb.redundant_slots_per_shard={self.eplb.redundant_slots_per_shard} gives {slots} slots "
                 f"per shard, more than the model's {args.n_routed_experts} experts (a shard holds one copy of each)"

@@ -222,6 +222,7 @@ def test_eplb_config_validation():
     args = ModelArgs.from_dict(tiny_config())  # 32 experts
     with pytest.raises(ConfigError, match="redundant_slots_per_shard"):
         ParallelConfig(executor="ray", expert_shards=2, eplb={"redundant_slots_per_shard": 17}).check_against(args)
+    ParallelConfig(eplb={"redundant_slots_per_shard": 2}).check_against(args)  # one shard: nothing to copy, no error
 
 
 def test_metered_executor_exports_balancedness_and_rebalances():

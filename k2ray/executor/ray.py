@@ -103,8 +103,9 @@ class RayExecutor:
         self.bundle_nodes = [bundle_nodes.get(self._bundle_offset + i) for i in range(n)]
         self.shard_nodes = [str(x) for x in self.bundle_nodes[p.attention_workers :]]
         # Room for the EPLB copies from the start (the first experts until a plan knows the hot ones), so a rebalance
-        # does not grow the shards.
-        redundant = p.redundant_experts or p.eplb.redundant_slots_per_shard * p.expert_shards
+        # does not grow the shards. A single shard holds every expert already: nothing to copy.
+        redundant = p.redundant_experts or (p.eplb.redundant_slots_per_shard * p.expert_shards
+                                            if p.expert_shards > 1 else 0)
         base = ExpertPlacement.contiguous(self.args.n_routed_experts, p.expert_shards, redundant,
                                           shard_nodes=self.shard_nodes)
         n_moe = len(self.args.moe_layers)
