@@ -281,6 +281,41 @@ class PoolPlacement(BaseModel):
         return v
 
 
+class EplbConfig(BaseModel):
+    """Expert-parallel load balancing (k2ray/parallel/eplb.py): per-layer expert placement with redundant copies,
+    planned from the measured load and switched live. Rebalancing on demand (``POST /v1/k2ray/rebalance``) works
+    with these defaults; periodic rebalancing is off until ``interval_steps`` is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_steps: int = 256  # engine steps of expert load a plan is made from (and the balancedness gauge covers)
+    interval_steps: int = 0  # rebalance every this many steps (at least window_steps); 0: only on demand
+    # Extra slots per shard and MoE layer beyond an equal share of the experts, for copies of the hottest experts.
+    # Each costs one expert's weights per layer on every shard (K2 INT4: ~22 MB x 60 layers).
+    redundant_slots_per_shard: int = 0
+
+    @field_validator("window_steps")
+    @classmethod
+    def _window(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("interval_steps", "redundant_slots_per_shard")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must not be negative")
+        return v
+
+    @model_validator(mode="after")
+    def _interval_covers_window(self) -> "EplbConfig":
+        if 0 < self.interval_steps < self.window_steps:
+            raise ValueError(f"interval_steps={self.interval_steps} is shorter than window_steps="
+                             f"{self.window_steps}: a plan would be made from a partial window")
+        return self
+
+
 class ParallelConfig(BaseModel):
     """Layout of one model group: A attention workers (data-parallel attention) and E expert shards."""
 
@@ -300,6 +335,7 @@ class ParallelConfig(BaseModel):
     validate_cluster: bool = True  # check the cluster can hold the plan before starting anything
     collective_timeout_s: float = 60.0  # a stalled collective fails the step after this long
     overlap_shared_expert: bool = True  # run the shared expert while the routed tokens are at the expert shards
+    eplb: EplbConfig = EplbConfig()  # live expert rebalancing (Ray executor); periodic only when interval_steps > 0
 
     @field_validator("attention_workers", "expert_shards")
     @classmethod
@@ -321,6 +357,8 @@ class ParallelConfig(BaseModel):
             raise ValueError("backend 'nccl' needs device 'cuda'")
         if self.device == "cuda" and self.gpus_per_worker <= 0:
             raise ValueError("device 'cuda' needs gpus_per_worker > 0")
+        if self.eplb.interval_steps and (self.executor != "ray" or self.expert_shards < 2):
+            raise ValueError("eplb.interval_steps needs executor 'ray' and at least 2 expert_shards")
         return self
 
     @property
@@ -357,6 +395,12 @@ class ParallelConfig(BaseModel):
             raise ConfigError(
                 f"parallel.expert_shards={self.expert_shards} exceeds the model's n_routed_experts="
                 f"{args.n_routed_experts}"
+            )
+        slots = -(-args.n_routed_experts // self.expert_shards) + self.eplb.redundant_slots_per_shard
+        if self.expert_shards > 1 and self.eplb.redundant_slots_per_shard and slots > args.n_routed_experts:
+            raise ConfigError(
+                f"parallel.eplb.redundant_slots_per_shard={self.eplb.redundant_slots_per_shard} gives {slots} slots "
+                f"per shard, more than the model's {args.n_routed_experts} experts (a shard holds one copy of each)"
             )
 
 

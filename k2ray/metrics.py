@@ -257,6 +257,19 @@ EXPERT_SHARD_IMBALANCE = Gauge(
     "k2ray_expert_shard_imbalance_ratio",
     "Max over mean of the token load across expert shards in the last reporting window (1 = balanced).",
     ("model",))
+EXPERT_BALANCEDNESS = Gauge(
+    "k2ray_expert_balancedness",
+    "Mean over max of the tokens each expert shard computes, per MoE layer and as the mean over layers "
+    "(layer=\"mean\"), over the EPLB load window (1 = balanced).",
+    ("model", "layer"))
+EPLB_REBALANCES_TOTAL = Counter(
+    "k2ray_eplb_rebalances_total", "Live expert rebalances: switches of the group to a new expert placement.",
+    ("model",))
+EPLB_SWITCH_SECONDS = Histogram(
+    "k2ray_eplb_switch_seconds",
+    "Pause of a live rebalance's switch: the longest time a worker spent taking up the staged placement at the step "
+    "boundary (loading the weights happened before, in the background).",
+    ("model",), FAST_BUCKETS)
 # ---- structured outputs ----
 CONSTRAINED_REQUESTS_TOTAL = Counter(
     "k2ray_constrained_requests_total", "Requests decoded under a grammar (tools, response_format, guided_*).",

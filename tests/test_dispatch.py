@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from k2ray.model.moe import routed_experts_forward
 from k2ray.parallel.dispatch import DispatchClient, ExpertServer, wire_mode
 from k2ray.parallel.groups import GroupLayout, destroy_group, init_group
-from k2ray.parallel.placement import ExpertPlacement
+from k2ray.parallel import eplb
+from k2ray.parallel.placement import ExpertPlacement, PerLayerPlacement
 
 H, I, N_EXPERTS, LAYERS = 32, 16, 8, 2
 RANK_MAIN = "k2ray_dispatch_rank"
@@ -33,18 +34,29 @@ def _inputs(worker, tokens, top_k, layer, empty_expert):
     return x, ids, w
 
 
+def _placement(e: int, redundant) -> PerLayerPlacement:
+    """``redundant`` copies in a contiguous table shared by every layer, or ("eplb", slots): a planned table per layer
+    for a different hot expert in each layer."""
+    if isinstance(redundant, tuple):
+        loads = [[100 if x == layer % N_EXPERTS else 5 for x in range(N_EXPERTS)] for layer in range(LAYERS)]
+        return eplb.plan(loads, e, redundant[1])
+    return PerLayerPlacement.uniform(ExpertPlacement.contiguous(N_EXPERTS, e, redundant), LAYERS)
+
+
 def _run(rank, cfg, port, results):
     torch.set_num_threads(1)
     a, e, top_k, tokens, redundant, empty_expert, dtype = cfg
     layout = GroupLayout(a, e)
-    placement = ExpertPlacement.contiguous(N_EXPERTS, e, redundant)
+    per_layer = _placement(e, redundant)
+    # The contiguous cases hand the client one table for all layers, the planned one a table per layer.
+    placement = per_layer if isinstance(redundant, tuple) else per_layer.layers[0]
     init_group("gloo", "127.0.0.1", port, rank, layout.world_size, 30)
     try:
         if rank < a:
             client = DispatchClient(layout, rank, placement, H, top_k)
             outs = []
+            client.begin_step(tokens)  # once per step: the client counts the MoE layers
             for layer in range(LAYERS):
-                client.begin_step(tokens)
                 x, ids, w = _inputs(rank, tokens[rank], top_k, layer, empty_expert)
                 pending = client.start(x.to(dtype), ids, w)
                 (x @ x.T).sum()  # other work while the rows are away, as MoE.forward runs the shared expert
@@ -52,15 +64,15 @@ def _run(rank, cfg, port, results):
             results[rank] = outs
         else:
             s = rank - a
-            local = placement.shard_experts[s]
             layers = []
             for layer in range(LAYERS):
+                local = per_layer.layers[layer].shard_experts[s]
                 w13, w2 = _weights(layer)
                 w13, w2 = w13[list(local)].to(dtype), w2[list(local)].to(dtype)
                 layers.append(lambda x, i, w, w13=w13, w2=w2: routed_experts_forward(x, i, w, w13, w2))
-            server = ExpertServer(layout, s, layers, H, top_k, dtype, num_local=len(local))
+            server = ExpertServer(layout, s, layers, H, top_k, dtype, num_local=per_layer.slots_per_shard())
             stats = server.run_step(tokens)
-            results[rank] = stats["expert_tokens"]
+            results[rank] = stats["expert_layer_tokens"]
     finally:
         destroy_group()
 
@@ -80,6 +92,7 @@ CASES = {
     "2x3-counts-redundant": (2, 3, 2, [4, 11], 2, None, torch.float32),
     "1x4-shard-gets-nothing": (1, 4, 1, [6], 0, 0, torch.float32),
     "1x2-bf16": (1, 2, 4, [5], 0, None, torch.bfloat16),
+    "2x3-counts-eplb-per-layer": (2, 3, 2, [7, 12], ("eplb", 2), None, torch.float32),
 }
 
 
@@ -108,10 +121,12 @@ def test_dispatch_combine_matches_local(name):
         p.join(60)
         assert p.exitcode == 0, f"rank exited with {p.exitcode}"
     total_load = [0] * N_EXPERTS
-    placement = ExpertPlacement.contiguous(N_EXPERTS, e, redundant)
+    per_layer = _placement(e, redundant)
     for s in range(e):
-        for slot, n in enumerate(results[a + s]):
-            total_load[placement.shard_experts[s][slot]] += n
+        for layer, row in enumerate(results[a + s]):
+            for slot, n in enumerate(row):
+                if n:  # rows are as wide as the widest shard
+                    total_load[per_layer.layers[layer].shard_experts[s][slot]] += n
     expected_load = [0] * N_EXPERTS
     for r in range(a):
         for layer in range(LAYERS):

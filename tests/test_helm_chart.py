@@ -751,6 +751,8 @@ BAD_VALUES = {
     "negative KV cache": ({"serve": {"args": {"engine": {"kv_cache_memory_gb": -1}}}},
                           "/serve/args/engine/kv_cache_memory_gb"),
     "unknown dtype": ({"serve": {"args": {"engine": {"dtype": "int8"}}}}, "/serve/args/engine/dtype"),
+    "negative eplb slots": ({"serve": {"args": {"parallel": {"eplb": {"redundant_slots_per_shard": -1}}}}},
+                            "/serve/args/parallel/eplb/redundant_slots_per_shard"),
     "bad upgrade strategy": ({"upgradeStrategy": {"type": "Rolling"}}, "/upgradeStrategy/type"),
     "empty image repository": ({"image": {"repository": ""}}, "/image/repository"),
     "custom resources through rayStartParams": (
@@ -777,7 +779,7 @@ def test_schema_args_rejections_agree_with_serveargs():
     there, it only moves the failure to install time)."""
     base = yaml.safe_load((CHART / "values.yaml").read_text())["serve"]["args"]
     for name in ("zero attention workers", "typo in args", "unknown device", "cuda without GPUs per worker",
-                 "nccl on cpu", "unknown dtype"):
+                 "nccl on cpu", "unknown dtype", "negative eplb slots"):
         args = merged(base, BAD_VALUES[name][0]["serve"]["args"])
         with pytest.raises(ValueError):
             ServeArgs.model_validate(args)
@@ -815,6 +817,9 @@ ARGS_CONSTRAINTS: dict[tuple[str, ...], dict] = {
     ("parallel", "cpus_per_worker"): {"minimum": 0},
     ("parallel", "redundant_experts"): {"minimum": 0},
     ("parallel", "collective_timeout_s"): {"exclusiveMinimum": 0},
+    ("parallel", "eplb", "window_steps"): {"minimum": 1},
+    ("parallel", "eplb", "interval_steps"): {"minimum": 0},
+    ("parallel", "eplb", "redundant_slots_per_shard"): {"minimum": 0},
     ("parallel", "attention_pool", "gpus"): {"minimum": 0},
     ("parallel", "attention_pool", "cpus"): {"minimum": 0},
     ("parallel", "attention_pool", "resources"): {"additionalProperties": {"type": "number", "minimum": 0}},

@@ -46,6 +46,7 @@ COUNTS = [  # (metric, labels besides model, increment per round)
     (M.GENERATION_TOKENS_TOTAL, {}, 40),
     (M.PREFIX_CACHE_HIT_TOKENS_TOTAL, {}, 25),
     (M.CONSTRAINED_REQUESTS_TOTAL, {}, 1),
+    (M.EPLB_REBALANCES_TOTAL, {}, 1),
 ]
 OBSERVATIONS = [  # (metric, labels besides model, value, observations per round)
     (M.TTFT, {}, 0.12, 4),
@@ -57,11 +58,14 @@ OBSERVATIONS = [  # (metric, labels besides model, value, observations per round
     (M.GRAMMAR_MASK_SECONDS, {}, 0.0003, 5),
     (M.ALL_TO_ALL_SECONDS, {"op": "dispatch"}, 0.0007, 4),
     (M.ALL_TO_ALL_SECONDS, {"op": "combine"}, 0.0012, 4),
+    (M.EPLB_SWITCH_SECONDS, {}, 0.002, 1),
 ]
 GAUGES = [  # (metric, labels besides model, value after round 1, value after round 2)
     (M.REQUESTS_RUNNING, {}, 3, 5),
     (M.REQUESTS_WAITING, {}, 2, 1),
     (M.KV_CACHE_USAGE, {}, 0.25, 0.5),
+    (M.EXPERT_BALANCEDNESS, {"layer": "1"}, 0.6, 0.9),
+    (M.EXPERT_BALANCEDNESS, {"layer": "mean"}, 0.7, 0.95),
 ]
 # tokens[layer, expert, shard]: 2 MoE layers (ids 1, 2), 4 logical experts, 2 shards (expert 2 replicated on both)
 EXPERT_COUNTS = [[[5, 0], [0, 1], [2, 2], [0, 0]],
@@ -154,6 +158,9 @@ def test_catalog_matches_issue():
         "k2ray_expert_tokens_total": ("model", "expert", "shard"),
         "k2ray_expert_layer_tokens_total": ("model", "layer", "expert", "shard"),
         "k2ray_expert_shard_imbalance_ratio": ("model",),
+        "k2ray_expert_balancedness": ("model", "layer"),
+        "k2ray_eplb_rebalances_total": ("model",),
+        "k2ray_eplb_switch_seconds": ("model",),
         "k2ray_constrained_requests_total": ("model",),
         "k2ray_grammar_mask_seconds": ("model",),
     }

@@ -59,8 +59,9 @@ def test_pools_land_on_their_nodes_and_match_local(cluster, tiny_weights_dir):
         # Redundant copies of the hot experts live on the other node than their primary copy.
         node_of_shard = {s["shard"]: s["node_id"] for s in layout["expert_shards"]}
         for e in range(4):
-            holders = {node_of_shard[s] for s, experts in enumerate(ex.placement.shard_experts) if e in experts}
-            assert len(holders) == 2, (e, ex.placement.shard_experts)
+            layer0 = ex.placement.layers[0]
+            holders = {node_of_shard[s] for s, experts in enumerate(layer0.shard_experts) if e in experts}
+            assert len(holders) == 2, (e, layer0.shard_experts)
         assert greedy_decode(ex, PROMPTS, steps=6) == local
     finally:
         ex.shutdown()

@@ -76,7 +76,7 @@ def test_expert_shards_read_only_their_tensors(cluster, tiny_weights_dir):
     try:
         for s, shard in enumerate(ex.shards):
             names = ray.get(shard.read_tensor_names.remote())
-            mine = set(ex.placement.shard_experts[s])
+            mine = {e for layer in ex.placement.shard_layers(s) for e in layer}
             assert names and all(".mlp.experts." in n for n in names)
             assert {int(n.split(".")[5]) for n in names} == mine
             # 3 MoE layers x 16 experts x 3 projections x (packed, scale, shape)
@@ -89,8 +89,32 @@ def test_redundant_experts_same_tokens(cluster, tiny_weights_dir, local_tokens):
     par = ParallelConfig(executor="ray", attention_workers=1, expert_shards=2, redundant_experts=6)
     ex = RayExecutor(tiny_weights_dir, ENGINE, par)
     try:
-        assert sum(len(s) for s in ex.placement.shard_experts) == 32 + 6
+        assert all(sum(len(s) for s in p.shard_experts) == 32 + 6 for p in ex.placement.layers)
         assert greedy_decode(ex, PROMPTS, steps=8) == local_tokens
+    finally:
+        ex.shutdown()
+
+
+def test_per_layer_placement_after_rebalance_same_tokens(cluster, tiny_weights_dir, local_tokens):
+    """After a live rebalance (per-layer tables, redundant copies, 2 attention workers splitting copies from
+    different offsets) the group still decodes exactly what the local executor does."""
+    par = ParallelConfig(executor="ray", attention_workers=2, expert_shards=2,
+                         eplb={"redundant_slots_per_shard": 3})
+    ex = RayExecutor(tiny_weights_dir, ENGINE, par)
+    try:
+        assert greedy_decode(ex, PROMPTS, steps=8, num_attention_workers=2) == local_tokens
+        plan = ex.rebalance()
+        assert plan["started"], plan
+        for _ in range(200):  # empty steps until every worker staged it and the group switched
+            if ex.placement.version == plan["version"]:
+                break
+            ex.execute(StepInput([]))
+            time.sleep(0.05)
+        assert ex.placement.version == plan["version"]
+        layers = ex.placement.layers
+        assert len({p.shard_experts for p in layers}) > 1, "expected a different table per layer"
+        assert all(len(s) == 19 for p in layers for s in p.shard_experts)
+        assert greedy_decode(ex, PROMPTS, steps=8, num_attention_workers=2) == local_tokens
     finally:
         ex.shutdown()
 

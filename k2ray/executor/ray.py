@@ -5,12 +5,20 @@ call per worker (the sequences split by attention rank, plus every worker's toke
 only through the group's collectives. Any failure — a dead actor, a stalled collective — tears the group down and
 raises :class:`ExecutorError` within ``collective_timeout_s``; :meth:`RayExecutor.rebuild` starts a fresh group.
 Between steps, :meth:`RayExecutor.heartbeat` finds a worker that died while the group was idle.
+
+Expert load balancing (EPLB): the executor keeps the last ``parallel.eplb.window_steps`` steps of expert load per MoE
+layer (:class:`~k2ray.parallel.load_window.LoadWindow`). :meth:`RayExecutor.rebalance` (on demand, or every
+``interval_steps`` from a background thread) plans a per-layer placement with redundant copies
+(:func:`k2ray.parallel.eplb.plan`) and has every worker stage it in the background; once every worker reports it
+staged (in a step's stats), the next step carries ``switch=version`` to all of them, so the whole group changes tables
+at one step boundary. Requests in flight go on; only which copy computes a token changes.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -20,8 +28,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from k2ray.config import EngineConfig, ModelArgs, ParallelConfig
 from k2ray.runtime.step import StepInput, StepOutput
+import numpy as np
+
+from k2ray.parallel import eplb
 from k2ray.parallel.groups import GroupLayout
-from k2ray.parallel.placement import ExpertPlacement, check_cluster_fits
+from k2ray.parallel.load_window import LoadWindow
+from k2ray.parallel.placement import ExpertPlacement, PerLayerPlacement, check_cluster_fits
 from k2ray.workers.attention import AttentionWorker
 from k2ray.workers.experts import ExpertShard
 
@@ -58,6 +70,7 @@ class RayExecutor:
         self._bundle_offset = bundle_offset if placement_group is not None else 0
         self._ready_timeout_s = ready_timeout_s
         self.failed: str | None = None
+        self._eplb_lock = threading.Lock()  # the placement and the rebalance state (engine and router threads)
         self._start()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -88,10 +101,20 @@ class RayExecutor:
         # Bundle -> node, so redundant expert copies can be spread over nodes and the layout reported.
         bundle_nodes = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {})
         self.bundle_nodes = [bundle_nodes.get(self._bundle_offset + i) for i in range(n)]
-        self.placement = ExpertPlacement.contiguous(
-            self.args.n_routed_experts, p.expert_shards, p.redundant_experts,
-            shard_nodes=[str(x) for x in self.bundle_nodes[p.attention_workers :]],
-        )
+        self.shard_nodes = [str(x) for x in self.bundle_nodes[p.attention_workers :]]
+        # Room for the EPLB copies from the start (the first experts until a plan knows the hot ones), so a rebalance
+        # does not grow the shards. A single shard holds every expert already: nothing to copy.
+        redundant = p.redundant_experts or (p.eplb.redundant_slots_per_shard * p.expert_shards
+                                            if p.expert_shards > 1 else 0)
+        base = ExpertPlacement.contiguous(self.args.n_routed_experts, p.expert_shards, redundant,
+                                          shard_nodes=self.shard_nodes)
+        n_moe = len(self.args.moe_layers)
+        self.placement = PerLayerPlacement.uniform(base, n_moe)
+        self.window = LoadWindow(n_moe, self.args.n_routed_experts, p.expert_shards, p.eplb.window_steps)
+        self._staging: PerLayerPlacement | None = None  # sent to the workers to stage, not switched to yet
+        self._switch_ready = False  # every worker reported the staging done: the next step switches
+        self._planning = False  # a periodic plan is being made in the background
+        self._steps_since_plan = 0
 
         def opts(i):
             pool = "attention" if i < p.attention_workers else "experts"
@@ -116,8 +139,8 @@ class RayExecutor:
         ]
         self.shards = [
             _RemoteShard.options(**opts(self.layout.attention_workers + s)).remote(
-                self.model_dir, self.engine, self.layout, s, list(self.placement.shard_experts[s]),
-                p.device, threads,
+                self.model_dir, self.engine, self.layout, s, self.placement.shard_layers(s),
+                p.device, threads, self.placement.version,
             )
             for s in range(self.layout.expert_shards)
         ]
@@ -152,10 +175,11 @@ class RayExecutor:
                     "node_id": info.get("node_id"),
                     "node_ip": info.get("node_ip"),
                     "pid": info.get("pid"),
-                    "experts": info.get("experts"),
+                    "experts": sorted({e for layer in self.placement.shard_layers(s) for e in layer}),
                 }
                 for s, info in enumerate(self.worker_info[p.attention_workers :])
             ],
+            "placement_version": self.placement.version,
             "backend": p.collective_backend,
             "strategy": p.placement_strategy,
         }
@@ -238,27 +262,124 @@ class RayExecutor:
         for s in step.seqs:
             by_rank[s.attention_rank].append(s)
         counts = [sum(len(s.token_ids) for s in seqs) for seqs in by_rank]
-        refs = [w.execute.remote(seqs, counts) for w, seqs in zip(self.attention, by_rank)]
-        refs += [s.step.remote(counts) for s in self.shards]
+        with self._eplb_lock:
+            new = self._staging if self._switch_ready else None
+        switch = new.version if new is not None else None
+        refs = [w.execute.remote(seqs, counts, switch) for w, seqs in zip(self.attention, by_rank)]
+        refs += [s.step.remote(counts, switch) for s in self.shards]
         out = self._get(refs, self.parallel.collective_timeout_s + 10, "step")
+        worker_stats = [st for _res, st in out[: self.num_attention_workers]] + out[self.num_attention_workers :]
         results = {}
         stats = {"dispatch_s": 0.0, "combine_s": 0.0, "expert_tokens": {}, "expert_layer_tokens": {}}
+        if new is not None:
+            with self._eplb_lock:
+                self.placement, self._staging, self._switch_ready = new, None, False
+                self.window.clear()  # shard loads under the old table say nothing of the new one
+                self._steps_since_plan = 0
+            stats["eplb_switch_s"] = max(st.get("switch_s", 0.0) for st in worker_stats)
+            stats["eplb_version"] = new.version
+            log.info("model group switched to expert placement version %d (pause %.1f ms)", new.version,
+                     1e3 * stats["eplb_switch_s"])
         for res, st in out[: self.num_attention_workers]:
             results.update({r.seq_id: r for r in res})
             stats["dispatch_s"] += st["dispatch_s"]
             stats["combine_s"] += st["combine_s"]
         layers = self.args.moe_layers
+        placement = self.placement
+        e_load = np.zeros((len(layers), self.args.n_routed_experts), dtype=np.int64)
+        s_load = np.zeros((len(layers), self.layout.expert_shards), dtype=np.int64)
         for s, st in enumerate(out[self.num_attention_workers :]):
-            for slot, n in enumerate(st["expert_tokens"]):
-                if n:
-                    e = self.placement.shard_experts[s][slot]
-                    stats["expert_tokens"][(e, s)] = stats["expert_tokens"].get((e, s), 0) + n
             for li, row in enumerate(st.get("expert_layer_tokens", [])):  # (model layer, expert, shard) -> tokens
+                local = placement.layers[li].shard_experts[s]
                 for slot, n in enumerate(row):
                     if n:
-                        key = (layers[li], self.placement.shard_experts[s][slot], s)
+                        e = local[slot]
+                        key = (layers[li], e, s)
                         stats["expert_layer_tokens"][key] = stats["expert_layer_tokens"].get(key, 0) + n
+                        stats["expert_tokens"][(e, s)] = stats["expert_tokens"].get((e, s), 0) + n
+                        e_load[li, e] += n
+                        s_load[li, s] += n
+        if s_load.any():
+            with self._eplb_lock:
+                self.window.add(e_load, s_load)
+        self._after_step(worker_stats)
         return StepOutput(results=results, stats=stats)
+
+    # -- expert load balancing ---------------------------------------------------------------------------------------
+    def _after_step(self, worker_stats: list[dict]) -> None:
+        """Notice a finished (or failed) staging; start a periodic plan when one is due."""
+        cfg = self.parallel.eplb
+        with self._eplb_lock:
+            if self._staging is not None and not self._switch_ready:
+                errors = [st["stage_error"] for st in worker_stats if st.get("stage_error")]
+                if errors:
+                    log.error("staging expert placement version %d failed, keeping version %d: %s",
+                              self._staging.version, self.placement.version, errors[0])
+                    self._staging = None
+                elif all(st.get("staged") == self._staging.version for st in worker_stats):
+                    self._switch_ready = True
+            self._steps_since_plan += 1
+            due = (cfg.interval_steps and self._staging is None and not self._planning
+                   and self._steps_since_plan >= cfg.interval_steps and self.window.steps >= cfg.window_steps)
+            if due:
+                self._planning, self._steps_since_plan = True, 0
+        if due:
+            threading.Thread(target=self._periodic_rebalance, name="k2ray-eplb-plan", daemon=True).start()
+
+    def _periodic_rebalance(self) -> None:
+        try:
+            result = self.rebalance(min_gain=0.01)  # not for less than a point of balancedness: weights move
+            log.info("periodic expert rebalance: %s", {k: v for k, v in result.items() if k != "layers"})
+        except Exception:
+            log.exception("periodic expert rebalance failed")
+        finally:
+            with self._eplb_lock:
+                self._planning = False
+
+    def redundant_slots_per_shard(self) -> int:
+        """``eplb.redundant_slots_per_shard``, else as many as ``redundant_experts`` gives each shard."""
+        p = self.parallel
+        return p.eplb.redundant_slots_per_shard or -(-p.redundant_experts // p.expert_shards)
+
+    def rebalance(self, min_gain: float = 0.0) -> dict:
+        """Plan a placement from the load window and have every worker stage it (returns without waiting; the group
+        switches at the first step after all workers staged it). The answer gives the mean balancedness over MoE
+        layers that the current and the new placement would have had on the window's load, and per layer."""
+        with self._eplb_lock:
+            current, loads, steps, busy = self.placement, self.window.expert_load(), self.window.steps, self._staging
+        base = {"version": current.version, "window_steps": steps}
+        if busy is not None:
+            return {**base, "started": False, "reason": f"placement version {busy.version} is being staged"}
+        if not any(any(row) for row in loads):
+            return {**base, "started": False, "reason": "no expert load measured yet"}
+        new = eplb.plan(loads, self.layout.expert_shards, self.redundant_slots_per_shard(), self.shard_nodes,
+                        version=current.version + 1)
+        new = eplb.align(new, current)  # experts a shard keeps stay in their slots: only new ones are loaded
+        old_b = eplb.predicted_balancedness(current, loads)
+        new_b = eplb.predicted_balancedness(new, loads)
+        out = {**base, "old_balancedness": sum(old_b) / len(old_b), "new_balancedness": sum(new_b) / len(new_b),
+               "layers": {str(layer): {"old": o, "new": n}
+                          for layer, o, n in zip(self.args.moe_layers, old_b, new_b)}}
+        if new.layers == current.layers or out["new_balancedness"] < out["old_balancedness"] + min_gain:
+            return {**out, "started": False, "reason": "the current placement is as balanced"}
+        with self._eplb_lock:
+            if self._staging is not None or self.placement is not current:
+                return {**out, "started": False, "reason": "another rebalance got there first"}
+            self._staging, self._switch_ready = new, False
+        # Both return at once (the workers stage in background threads); a dead worker shows in the next step.
+        for w in self.attention:
+            w.stage.remote(new)
+        for s, shard in enumerate(self.shards):
+            shard.stage.remote(new.version, new.shard_layers(s))
+        log.info("expert placement version %d staging: predicted balancedness %.3f -> %.3f", new.version,
+                 out["old_balancedness"], out["new_balancedness"])
+        return {**out, "version": new.version, "started": True}
+
+    def balancedness(self) -> dict[int, float] | None:
+        """Measured mean / max of the shards' tokens over the load window, per MoE layer id (None: no load yet)."""
+        with self._eplb_lock:
+            b = self.window.balancedness()
+        return None if b is None else dict(zip(self.args.moe_layers, b))
 
 
 # What a Ray error says of where it happened: kept out of messages that reach clients (/health, error bodies).

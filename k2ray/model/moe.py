@@ -143,6 +143,33 @@ class RoutedExperts(nn.Module):
     def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingRouted:
         return Finished(self(x, topk_ids, topk_weights))
 
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        return ("w13_packed", "w13_scale", "w2_packed", "w2_scale") if self.int4 else ("w13", "w2")
+
+    @property
+    def num_local(self) -> int:
+        return getattr(self, self.weight_names[0]).shape[0]
+
+    @torch.no_grad()
+    def resize(self, num_local: int) -> None:
+        """Keep the first ``num_local`` slots' experts; slots added are uninitialised, slots cut are freed."""
+        for name in self.weight_names:
+            w = getattr(self, name)
+            if num_local > w.shape[0]:
+                w = torch.cat([w, w.new_empty((num_local - w.shape[0],) + tuple(w.shape[1:]))])
+            elif num_local < w.shape[0]:
+                w = w[:num_local].clone()
+            setattr(self, name, w)
+
+    @torch.no_grad()
+    def put(self, slots: list[int], src: "RoutedExperts") -> None:
+        """Copy ``src``'s experts, in order, into ``slots`` (a live rebalance taking up experts new to this shard)."""
+        for name in self.weight_names:
+            dst, w = getattr(self, name), getattr(src, name)
+            for i, slot in enumerate(slots):
+                dst[slot].copy_(w[i])
+
 
 def local_experts(args: ModelArgs, dtype: torch.dtype = torch.float32, int4: bool = False) -> RoutedFactory:
     """Every MoE layer holds all of its routed experts in this process."""

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from k2ray.model.moe import Finished, PendingRouted
 from k2ray.parallel.groups import GroupLayout
-from k2ray.parallel.placement import ExpertPlacement
+from k2ray.parallel.placement import ExpertPlacement, PerLayerPlacement
 
 
 def wire_mode(layout: GroupLayout, top_k: int) -> str:
@@ -75,28 +75,50 @@ class DispatchStats:
 class DispatchClient:
     """Attention-worker side: a :class:`~k2ray.model.moe.RoutedBackend` (connected to the model's
     :class:`~k2ray.model.moe.RemoteExperts`). Call :meth:`begin_step` with every attention worker's token count before
-    each forward."""
+    each forward.
+
+    ``placement``: one table for every MoE layer, or a :class:`PerLayerPlacement`; then the MoE layers of a forward
+    are counted from :meth:`begin_step` on (they run in model order, as the shards serve them)."""
 
     def __init__(
         self,
         layout: GroupLayout,
         worker: int,
-        placement: ExpertPlacement,
+        placement: ExpertPlacement | PerLayerPlacement,
         hidden_size: int,
         top_k: int,
         group=None,
         overlap: bool = True,
     ):
-        self.layout, self.worker, self.placement = layout, worker, placement
+        self.layout, self.worker = layout, worker
         self.overlap = overlap  # let MoE.forward run the shared expert while the tokens are away
         self.hidden_size, self.top_k, self.group = hidden_size, top_k, group
         self.mode = wire_mode(layout, top_k)
-        self.tables = placement.lookup_tensors()
+        self.set_placement(placement)
         self.tokens_per_worker: list[int] | None = None
         self.stats = DispatchStats()
 
+    @staticmethod
+    def lookup_tables(placement: ExpertPlacement | PerLayerPlacement) -> list[tuple]:
+        """The vectorised routing tables, one per MoE layer (one for all layers given a single table)."""
+        if isinstance(placement, ExpertPlacement):
+            return [placement.lookup_tensors()]
+        built: dict[int, tuple] = {}  # a table shared by several layers is built once
+        for p in placement.layers:
+            if id(p) not in built:
+                built[id(p)] = p.lookup_tensors()
+        return [built[id(p)] for p in placement.layers]
+
+    def set_placement(self, placement: ExpertPlacement | PerLayerPlacement, tables: list[tuple] | None = None) -> None:
+        """Route with ``placement`` from the next layer on (``tables``: its :meth:`lookup_tables`, if built already)."""
+        self.placement = placement
+        self.layer_placements = [placement] if isinstance(placement, ExpertPlacement) else list(placement.layers)
+        self.tables = tables if tables is not None else self.lookup_tables(placement)
+        self.layer = 0
+
     def begin_step(self, tokens_per_worker: list[int]) -> None:
         self.tokens_per_worker = list(tokens_per_worker)
+        self.layer = 0
 
     def start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingRouted:
         """This layer's dispatch and combine, pending when ``overlap`` (else done: the shared expert then runs after
@@ -113,9 +135,12 @@ class DispatchClient:
         if self.tokens_per_worker is None or self.tokens_per_worker[self.worker] != t:
             raise RuntimeError("DispatchClient: begin_step() was not called with this worker's token count")
         dev = x.device
-        if self.tables[0].device != dev:  # routing tables live where the router's top-k ids are
-            self.tables = tuple(tb.to(dev) for tb in self.tables)
-        shard, slot = self.placement.route(topk_ids, self.tables)
+        li = min(self.layer, len(self.tables) - 1)  # a single table serves every layer
+        self.layer += 1
+        tables = self.tables[li]
+        if tables[0].device != dev:  # routing tables live where the router's top-k ids are
+            tables = self.tables[li] = tuple(tb.to(dev) for tb in tables)
+        shard, slot = self.layer_placements[li].route(topk_ids, tables, offset=self.worker)
         rows, token_of = [], []
         for s in range(e):
             on_s = shard == s
@@ -189,6 +214,11 @@ class ExpertServer:
         self.mode = wire_mode(layout, top_k)
         self.num_local = num_local
         self.stats = DispatchStats()
+
+    def set_experts(self, experts: list[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]],
+                    num_local: int) -> None:
+        """Serve these per-layer experts from the next step on (a live rebalance's switch)."""
+        self.experts, self.num_local = experts, num_local
 
     def run_step(self, tokens_per_worker: list[int]) -> dict:
         a, e = self.layout.attention_workers, self.layout.expert_shards

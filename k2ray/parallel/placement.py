@@ -2,7 +2,9 @@
 
 Default: logical experts split contiguously over the shards. ``redundant`` extra copies (of the hottest experts, or
 the first ones when no load is known) are appended to shards round-robin, so a hot expert can be served from two
-places; :meth:`ExpertPlacement.route` spreads (token, expert) pairs over the copies.
+places; :meth:`ExpertPlacement.route` spreads an expert's (token, expert) pairs evenly over its copies.
+:class:`PerLayerPlacement` holds one table per MoE layer: what the EPLB planner (``eplb.py``) produces from measured
+per-layer loads.
 """
 
 from __future__ import annotations
@@ -71,15 +73,72 @@ class ExpertPlacement:
                 shard[e, j], slot[e, j] = t[j % len(t)]
         return torch.tensor([len(t) for t in table]), shard, slot
 
-    def route(self, topk_ids: torch.Tensor, tables=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(shard [T, k], local slot [T, k])`` for logical ``topk_ids [T, k]``; copies picked per token."""
+    def route(self, topk_ids: torch.Tensor, tables=None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shard [T, k], local slot [T, k])`` for logical ``topk_ids [T, k]``.
+
+        An expert's (token, k) pairs are numbered in token order and dealt round-robin over its copies, starting at
+        copy ``offset`` (the attention worker's index, so that workers with one pair each do not all pick copy 0):
+        the copies of an expert get its tokens evenly, which is what the EPLB planner assumed when it split the load.
+        """
         n_copies, shard, slot = tables or self.lookup_tensors()
-        t = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(1)
-        pick = t % n_copies[topk_ids]
+        flat = topk_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        per_expert = torch.bincount(flat, minlength=self.n_experts)
+        first = torch.cumsum(per_expert, 0) - per_expert  # where each expert's run starts in ``order``
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(flat.numel(), device=flat.device) - first[flat[order]]
+        pick = ((rank + offset) % n_copies[flat]).view_as(topk_ids)
         return shard[topk_ids, pick], slot[topk_ids, pick]
 
     def describe(self) -> dict:
         return {f"shard{s}": list(e) for s, e in enumerate(self.shard_experts)}
+
+    def shard_loads(self, expert_load) -> list[float]:
+        """Predicted tokens per shard for ``expert_load[e]`` when each expert's tokens split evenly over its copies."""
+        loads = [0.0] * self.n_shards
+        table = self.copies()
+        for e, copies in enumerate(table):
+            for s, _slot in copies:
+                loads[s] += float(expert_load[e]) / len(copies)
+        return loads
+
+
+@dataclass(frozen=True)
+class PerLayerPlacement:
+    """The routing table of a model group: one :class:`ExpertPlacement` per MoE layer (in model order), so each layer
+    can replicate and place its own hot experts. ``version`` grows with every live rebalance."""
+
+    layers: tuple[ExpertPlacement, ...]
+    version: int = 0
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ValueError("a per-layer placement needs at least one MoE layer")
+        if len({(p.n_experts, p.n_shards) for p in self.layers}) != 1:
+            raise ValueError("every layer's placement must have the same experts and shards")
+
+    @classmethod
+    def uniform(cls, placement: ExpertPlacement, n_layers: int, version: int = 0) -> "PerLayerPlacement":
+        return cls((placement,) * n_layers, version)
+
+    @property
+    def n_experts(self) -> int:
+        return self.layers[0].n_experts
+
+    @property
+    def n_shards(self) -> int:
+        return self.layers[0].n_shards
+
+    def shard_layers(self, shard: int) -> list[list[int]]:
+        """MoE layer -> the logical expert of each local slot of ``shard``."""
+        return [list(p.shard_experts[shard]) for p in self.layers]
+
+    def slots_per_shard(self) -> int:
+        """The widest shard of any layer (the width of a shard's per-layer load counts)."""
+        return max(len(e) for p in self.layers for e in p.shard_experts)
+
+    def describe(self) -> dict:
+        return {"version": self.version, "layers": [p.describe() for p in self.layers]}
 
 
 def check_cluster_fits(parallel, nodes: list[dict]) -> None:

@@ -113,6 +113,7 @@ class OpenAIIngress:
             ("/v1/responses/{response_id}", self.retrieve_response, "GET"),
             ("/v1/responses/{response_id}", self.delete_response, "DELETE"),
             ("/v1/k2ray/layout", self.layout, "GET"), ("/v1/k2ray/stats", self.stats, "GET"),
+            ("/v1/k2ray/rebalance", self.rebalance, "POST"),
         ]:
             api.add_api_route(path, fn, methods=[method], dependencies=keyed)
         per_group = self.args.engine.max_num_seqs + self.args.max_queued_requests
@@ -168,6 +169,15 @@ class OpenAIIngress:
         """Engine counters of the answering model group (running, waiting, KV blocks, aborted, ...)."""
         st = await self.groups.stats()
         return JSONResponse(st if redact.full_view(request) else redact.stats(st))
+
+    @answers_errors
+    async def rebalance(self, request: Request) -> Response:
+        """Rebalance the answering model group's experts now (EPLB); answers the predicted balancedness before and
+        after. An admin action: with keys off, only a local client may (:func:`k2ray.serve.redact.full_view`)."""
+        if not redact.full_view(request):
+            raise APIError(403, "rebalancing needs an API key (or a local client when no keys are configured)",
+                           "permission_error", None, "forbidden")
+        return JSONResponse(await self.groups.rebalance())
 
     # -- tokenizer ------------------------------------------------------------------------------------------------
     @answers_errors

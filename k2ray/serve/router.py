@@ -302,6 +302,20 @@ class K2Router:
                             "expert_shards": p.expert_shards, "device": p.device}
         return base
 
+    async def rebalance(self) -> dict:
+        """Admin: plan a balanced expert placement from the measured load and switch the group to it at a step
+        boundary once every worker has loaded its new experts (in the background; requests in flight go on).
+        Answers the mean balancedness predicted for the current and the new placement; planning runs off the event
+        loop."""
+        ex = self.executor
+        if self._state != "ready" or ex is None:
+            return {"started": False, "reason": f"model group {self.group_id} is {self._state}"}
+        try:
+            out = await asyncio.to_thread(ex.rebalance)
+        except ValueError as e:  # the local executor has a single shard: nothing to balance
+            return {"started": False, "reason": str(e)}
+        return _json_safe({"group": self.group_id, **out})
+
     def stats(self) -> dict:
         eng = self.engine
         out = self.status()

@@ -30,6 +30,7 @@ class ModelGroups(Protocol):
     async def info(self) -> dict: ...
     async def layout(self) -> dict: ...
     async def stats(self) -> dict: ...
+    async def rebalance(self) -> dict: ...
 
 
 class _HandleStream:
@@ -94,6 +95,9 @@ class RouterClient:
 
     async def stats(self) -> dict:
         return await self.handle.stats.remote()
+
+    async def rebalance(self) -> dict:
+        return await self.handle.rebalance.remote()
 
 
 async def open_all(groups: ModelGroups, reqs: list[GenerateRequest]) -> list[OpenedStream]:

@@ -14,7 +14,8 @@ log = logging.getLogger("k2ray.serve.step_metrics")
 
 class MeteredExecutor:
     """The group's executor (:class:`~k2ray.runtime.step.Executor`) seen through a wrapper that records per-step
-    metrics: step time by phase, mean all-to-all time per exchange, and tokens per (expert, shard)."""
+    metrics: step time by phase, mean all-to-all time per exchange, tokens per (expert, shard), the shards'
+    balancedness per MoE layer and live rebalances (EPLB)."""
 
     def __init__(self, inner: Executor, model: str, expert_shards: int):
         self.inner = inner
@@ -34,6 +35,8 @@ class MeteredExecutor:
         )
         self._tracker_lock = threading.Lock()
         self._shards = shards
+        self._rebalances = metrics.EPLB_REBALANCES_TOTAL.labels(model=model)
+        self._switch = metrics.EPLB_SWITCH_SECONDS.labels(model=model)
 
     # -- the Executor contract, forwarded ---------------------------------------------------------------------------
     args = property(lambda self: self.inner.args)
@@ -54,6 +57,12 @@ class MeteredExecutor:
     def shutdown(self) -> None:
         self.inner.shutdown()
 
+    def rebalance(self) -> dict:
+        """Plan and stage a new expert placement now (see :meth:`k2ray.executor.ray.RayExecutor.rebalance`)."""
+        if not hasattr(self.inner, "rebalance"):
+            raise ValueError("expert rebalancing needs the Ray executor (parallel.executor: ray)")
+        return self.inner.rebalance()
+
     def execute(self, step):
         t0 = time.perf_counter()
         out = self.inner.execute(step)
@@ -69,6 +78,9 @@ class MeteredExecutor:
                     v = stats.get(f"{op}_s")
                     if v:
                         self._a2a[op].observe(v / self._exchanges)
+                if "eplb_switch_s" in stats:
+                    self._rebalances.inc()
+                    self._switch.observe(stats["eplb_switch_s"])
                 et = stats.get("expert_tokens")
                 if et:
                     import numpy as np
@@ -92,3 +104,9 @@ class MeteredExecutor:
     def flush_expert_load(self) -> None:
         with self._tracker_lock:
             self._tracker.flush()
+        per_layer = self.inner.balancedness() if hasattr(self.inner, "balancedness") else None
+        if per_layer:
+            for layer, b in per_layer.items():
+                metrics.EXPERT_BALANCEDNESS.set(b, model=self._model, layer=str(layer))
+            metrics.EXPERT_BALANCEDNESS.set(sum(per_layer.values()) / len(per_layer), model=self._model,
+                                            layer="mean")

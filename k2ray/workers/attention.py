@@ -2,7 +2,8 @@
 
 Holds no routed experts: the model is built with one :class:`RemoteExperts` for every MoE layer, which
 :meth:`AttentionWorker.join_group` connects to a :class:`DispatchClient` that exchanges tokens with the expert shards
-over the group's process group.
+over the group's process group. A live rebalance stages the next routing table's lookup tensors in the background
+(:meth:`AttentionWorker.stage`) and switches to them at the step the executor names.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from k2ray.runtime.runner import ModelRunner
 from k2ray.parallel.dispatch import DispatchClient
 from k2ray.parallel.groups import GroupLayout, free_port, init_group
 from k2ray.workers.node import node_id, node_ip
-from k2ray.parallel.placement import ExpertPlacement
+from k2ray.parallel.placement import ExpertPlacement, PerLayerPlacement
+from k2ray.workers.staging import Stager
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class AttentionWorker:
         engine: EngineConfig,
         layout: GroupLayout,
         index: int,
-        placement: ExpertPlacement,
+        placement: ExpertPlacement | PerLayerPlacement,
         device: str = "cpu",
         threads: int = 1,
         overlap_shared_expert: bool = True,
@@ -55,6 +57,7 @@ class AttentionWorker:
         self.runner = ModelRunner(model, self.num_kv_blocks, engine.block_size, engine.torch_dtype, device)
         self.client: DispatchClient | None = None
         self.overlap = overlap_shared_expert
+        self.stager = Stager()
 
     def ping(self) -> bool:
         """The router's idle heartbeat: answers at once (queued behind a running step, which a busy group has)."""
@@ -76,7 +79,25 @@ class AttentionWorker:
         )
         self.remote.connect(self.client)
 
-    def execute(self, seqs: list[SeqWork], tokens_per_worker: list[int]) -> tuple[list[SeqResult], dict]:
+    def stage(self, placement: PerLayerPlacement) -> None:
+        """Build the lookup tensors of ``placement`` in the background (returns at once)."""
+        self.stager.start(placement.version, lambda: (placement, DispatchClient.lookup_tables(placement)))
+
+    def execute(
+        self, seqs: list[SeqWork], tokens_per_worker: list[int], switch: int | None = None
+    ) -> tuple[list[SeqResult], dict]:
+        """One step; with ``switch``, first route by the staged placement of that version."""
+        pause = None
+        if switch is not None:
+            t0 = time.perf_counter()
+            placement, tables = self.stager.take(switch)
+            self.placement = placement
+            self.client.set_placement(placement, tables)
+            pause = time.perf_counter() - t0
         self.client.begin_step(tokens_per_worker)
         results = self.runner.execute(seqs)
-        return results, self.client.stats.take()
+        stats = self.client.stats.take()
+        stats.update(self.stager.report())
+        if pause is not None:
+            stats["switch_s"] = pause
+        return results, stats

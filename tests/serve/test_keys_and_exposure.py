@@ -32,6 +32,9 @@ STATS = {"group": "g0", "state": "ready", "error": f"worker on {NODE_IP} died", 
          "num_finished": 7, "num_aborted": 1, "phase_time_s": {"execute": 1.5}, "last_step": {"batch": 2},
          "num_free_blocks": 30, "num_kv_blocks": 40}
 
+REBALANCE = {"group": "g0", "started": True, "version": 1, "window_steps": 40, "old_balancedness": 0.75,
+             "new_balancedness": 0.99, "layers": {"1": {"old": 0.75, "new": 0.99}}}
+
 
 class LayoutGroups(ScriptedGroups):
     """The scripted group with a Ray model group's real layout and stats shapes."""
@@ -41,6 +44,9 @@ class LayoutGroups(ScriptedGroups):
 
     async def stats(self) -> dict:
         return copy.deepcopy(STATS)
+
+    async def rebalance(self) -> dict:
+        return copy.deepcopy(REBALANCE)
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +172,19 @@ def test_local_operator_sees_everything_without_keys(tokenizer):
             assert "error" not in c.get("/v1/k2ray/stats", headers=h).json()
     with _client(tokenizer, {}, client=("::1", 40000)) as c:
         assert c.get("/v1/k2ray/layout").json() == LAYOUT
+
+
+def test_rebalance_is_an_admin_action(tokenizer):
+    """POST /v1/k2ray/rebalance answers the predicted balancedness before and after; it needs the key when keys are
+    on, and a local client when they are off."""
+    with _client(tokenizer, {"api_keys": ["sk-1"]}) as c:
+        assert c.post("/v1/k2ray/rebalance").status_code == 401
+        r = c.post("/v1/k2ray/rebalance", headers={"Authorization": "Bearer sk-1"})
+        assert r.status_code == 200 and r.json() == REBALANCE
+        assert c.get("/v1/k2ray/rebalance", headers={"Authorization": "Bearer sk-1"}).status_code == 405
+    with _client(tokenizer, {}) as c:  # keys off, a remote client
+        r = c.post("/v1/k2ray/rebalance")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    with _client(tokenizer, {}, client=("127.0.0.1", 40000)) as c:
+        assert c.post("/v1/k2ray/rebalance").json()["new_balancedness"] == 0.99
+        assert c.post("/v1/k2ray/rebalance", headers={"X-Forwarded-For": "198.51.100.4"}).status_code == 403
