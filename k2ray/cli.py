@@ -34,13 +34,16 @@ def register(name: str, help: str, add_arguments: Callable, run: Callable) -> No
 def _make_tiny_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="output directory (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0); same seed, same bytes")
+    p.add_argument("--format", choices=("kimi_k2", "kimi_k25"), default="kimi_k2",
+                   help="kimi_k2: the K2-Thinking layout (default); kimi_k25: the K2.5 layout with a tiny image "
+                        "encoder (MoonViT), its preprocessor config and an image-aware chat template")
 
 
 def _make_tiny_run(args: argparse.Namespace) -> int:
     from k2ray.checkpoint.tiny import make_tiny
 
-    out = make_tiny(args.dir, seed=args.seed)
-    print(f"wrote tiny K2 checkpoint to {out}")
+    out = make_tiny(args.dir, seed=args.seed, format=args.format)
+    print(f"wrote tiny {'K2.5' if args.format == 'kimi_k25' else 'K2'} checkpoint to {out}")
     return 0
 
 

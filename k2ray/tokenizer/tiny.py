@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 
-__all__ = ["TOKENIZER_FILES", "DATA_DIR", "write_tokenizer_files"]
+__all__ = ["TOKENIZER_FILES", "DATA_DIR", "write_tokenizer_files", "write_k25_files"]
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja")
@@ -26,3 +26,13 @@ def write_tokenizer_files(model_dir: str | os.PathLike) -> list[str]:
         shutil.copyfile(os.path.join(DATA_DIR, name), dst)
         written.append(dst)
     return written
+
+
+K25_CHAT_TEMPLATE = "chat_template_k25.jinja"
+
+
+def write_k25_files(model_dir: str | os.PathLike) -> str:
+    """Replace the chat template with the Kimi K2.5-style one (image parts render as media markers)."""
+    dst = os.path.join(os.fspath(model_dir), "chat_template.jinja")
+    shutil.copyfile(os.path.join(DATA_DIR, K25_CHAT_TEMPLATE), dst)
+    return dst
