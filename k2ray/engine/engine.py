@@ -111,7 +111,15 @@ class LLMEngine:
         tokenizer = load_tokenizer(model_dir)
         executor = build_executor(model_dir, config, parallel)
         try:
-            return cls(executor, config, tokenizer, load_eos_token_ids(model_dir, executor.args))
+            engine = cls(executor, config, tokenizer, load_eos_token_ids(model_dir, executor.args))
+            if executor.args.vision is not None:
+                # The image encoder runs here, in the process that owns the sequences (embeddings travel to the
+                # attention workers with the step's per-sequence input).
+                from k2ray.runtime.vision import VisionRunner
+
+                device = parallel.device if parallel is not None and parallel.executor == "local" else "cpu"
+                engine.input_processor.vision = VisionRunner(model_dir, executor.args, config.torch_dtype, device)
+            return engine
         except BaseException:
             executor.shutdown()
             raise
@@ -123,12 +131,15 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        images: list | None = None,
     ) -> Request:
         """Validate and tokenize without touching the scheduler (safe from any thread). Raises ValueError
         (:class:`PromptTooLongError` for length) naming what is wrong. A prepared request that will not be added
-        after all must be given back with :meth:`release_prepared`."""
+        after all must be given back with :meth:`release_prepared`. ``images``
+        (:class:`~k2ray.tokenizer.image.ProcessedImage`, one per ``<|media_pad|>`` of the prompt) are encoded
+        here."""
         self._check_alive()
-        return self.input_processor.prepare(prompt, params, request_id, arrival_time)
+        return self.input_processor.prepare(prompt, params, request_id, arrival_time, images)
 
     def release_prepared(self, req: Request) -> None:
         """Give back the id of a request from :meth:`prepare_request` that will not be added (safe from any
