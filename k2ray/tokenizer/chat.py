@@ -436,6 +436,10 @@ class ChatTemplate:
                 messages=msgs, tools=tools, add_generation_prompt=add_generation_prompt, **ctx
             )
         except jinja2.TemplateError as exc:
+            images = collect_images(msgs)
+            if images:  # a text-only template refusing image parts: name the part
+                raise ChatTemplateError(f"{images[0].where}: unsupported content part type 'image_url' (this "
+                                        f"model's chat template does not take images: {exc})") from exc
             raise ChatTemplateError(f"chat template error: {exc}") from exc
 
     def render(
