@@ -46,7 +46,8 @@ from k2ray.serve.wire import GenerateChunk, GenerateError, GenerateRequest, Sequ
 
 log = logging.getLogger("k2ray.serve.router")
 
-TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                   "preprocessor_config.json")
 _RECOVERY_ATTEMPTS = 3
 _PREPARE_THREADS = 2  # requests validated / tokenized / grammar-compiled at once, off the event loop
 _HEARTBEAT_INTERVAL_S = 2.0  # how often an idle group's workers are pinged
@@ -198,7 +199,8 @@ class K2Router:
     async def _prepare(self, engine, req: GenerateRequest):
         """Validate, tokenize and compile the grammar of ``req`` on the prepare pool (the event loop keeps serving
         the other streams meanwhile). If the caller goes away first, the prepared request is given back."""
-        fut = self._prepare_pool.submit(engine.prepare_request, req.prompt_token_ids, req.sampling, req.request_id)
+        fut = self._prepare_pool.submit(engine.prepare_request, req.prompt_token_ids, req.sampling, req.request_id,
+                                        None, req.images or None)
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
@@ -287,6 +289,7 @@ class K2Router:
             "max_model_len": eng.max_model_len,
             "vocab_size": eng.args.vocab_size,
             "eos_token_ids": sorted(eng.eos_token_ids),
+            "vision": eng.args.vision is not None,  # accepts image parts (Kimi K2.5)
         }
 
     def tokenizer_files(self) -> dict[str, bytes]:
