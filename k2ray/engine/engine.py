@@ -112,17 +112,27 @@ class LLMEngine:
         executor = build_executor(model_dir, config, parallel)
         try:
             engine = cls(executor, config, tokenizer, load_eos_token_ids(model_dir, executor.args))
-            if executor.args.vision is not None:
-                # The image encoder runs here, in the process that owns the sequences (embeddings travel to the
-                # attention workers with the step's per-sequence input).
-                from k2ray.runtime.vision import VisionRunner
-
-                device = parallel.device if parallel is not None and parallel.executor == "local" else "cpu"
-                engine.input_processor.vision = VisionRunner(model_dir, executor.args, config.torch_dtype, device)
+            device = parallel.device if parallel is not None and parallel.executor == "local" else "cpu"
+            engine.attach_vision(model_dir, device)
             return engine
         except BaseException:
             executor.shutdown()
             raise
+
+    def attach_vision(self, model_dir: str | Path, device: str = "cpu") -> None:
+        """Load the image encoder of a model that has one (Kimi K2.5; otherwise nothing happens). It runs in this
+        process, the one that owns the sequences: requests' images are encoded when they are prepared and their
+        embeddings travel to the attention workers with the step's per-sequence input."""
+        if self.args.vision is None:
+            return
+        from k2ray.runtime.vision import VisionRunner
+
+        self.input_processor.vision = VisionRunner(model_dir, self.args, self.config.torch_dtype, device)
+
+    @property
+    def num_images_encoded(self) -> int:
+        v = self.input_processor.vision
+        return 0 if v is None else v.images_encoded
 
     # -- requests ------------------------------------------------------------------------------------------------
     def prepare_request(

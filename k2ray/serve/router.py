@@ -137,6 +137,8 @@ class K2Router:
         from k2ray.engine.engine import LLMEngine
 
         engine = LLMEngine(self.executor, self.args.engine, self.tokenizer, self.eos_token_ids)
+        p = self.args.parallel
+        engine.attach_vision(self.model_dir, "cuda" if p.device == "cuda" and self.args.router_gpus > 0 else "cpu")
         queue = metrics.QUEUE_TIME.labels(model=self.model_name)
         mask = metrics.GRAMMAR_MASK_SECONDS.labels(model=self.model_name)
         engine.on_first_schedule = lambda req, seconds: queue.observe(seconds)
