@@ -46,6 +46,7 @@ COUNTS = [  # (metric, labels besides model, increment per round)
     (M.GENERATION_TOKENS_TOTAL, {}, 40),
     (M.PREFIX_CACHE_HIT_TOKENS_TOTAL, {}, 25),
     (M.CONSTRAINED_REQUESTS_TOTAL, {}, 1),
+    (M.VISION_IMAGES_ENCODED_TOTAL, {}, 2),
 ]
 OBSERVATIONS = [  # (metric, labels besides model, value, observations per round)
     (M.TTFT, {}, 0.12, 4),
@@ -156,6 +157,7 @@ def test_catalog_matches_issue():
         "k2ray_expert_shard_imbalance_ratio": ("model",),
         "k2ray_constrained_requests_total": ("model",),
         "k2ray_grammar_mask_seconds": ("model",),
+        "k2ray_vision_images_encoded_total": ("model",),
     }
     assert {n: m.labelnames for n, m in names.items()} == expected
     for m in metrics.ALL_METRICS:

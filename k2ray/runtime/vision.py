@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 from threading import Lock
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +28,7 @@ class VisionRunner:
         self._lock = Lock()  # the encoder runs one batch at a time (callers may be several threads)
         self.images_encoded = 0  # images run through the encoder (cache hits not counted)
         self.cache_hits = 0
+        self.on_encoded: Optional[Callable[[int], None]] = None  # told how many images each batch encoded
 
     @torch.inference_mode()
     def encode(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
@@ -55,4 +57,6 @@ class VisionRunner:
                         self._cache[images[i].content_hash] = e
                         while len(self._cache) > self.cache_size:
                             self._cache.popitem(last=False)
+                if self.on_encoded is not None:
+                    self.on_encoded(len(todo))
             return [out[i] for i in range(len(images))]

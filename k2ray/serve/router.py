@@ -139,6 +139,9 @@ class K2Router:
         engine = LLMEngine(self.executor, self.args.engine, self.tokenizer, self.eos_token_ids)
         p = self.args.parallel
         engine.attach_vision(self.model_dir, "cuda" if p.device == "cuda" and self.args.router_gpus > 0 else "cpu")
+        if engine.input_processor.vision is not None:
+            encoded = metrics.VISION_IMAGES_ENCODED_TOTAL.labels(model=self.model_name)
+            engine.input_processor.vision.on_encoded = encoded.inc
         queue = metrics.QUEUE_TIME.labels(model=self.model_name)
         mask = metrics.GRAMMAR_MASK_SECONDS.labels(model=self.model_name)
         engine.on_first_schedule = lambda req, seconds: queue.observe(seconds)
