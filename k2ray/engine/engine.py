@@ -119,20 +119,23 @@ class LLMEngine:
             executor.shutdown()
             raise
 
-    def attach_vision(self, model_dir: str | Path, device: str = "cpu") -> None:
-        """Load the image encoder of a model that has one (Kimi K2.5; otherwise nothing happens). It runs in this
-        process, the one that owns the sequences: requests' images are encoded when they are prepared and their
-        embeddings travel to the attention workers with the step's per-sequence input."""
+    def attach_vision(self, model_dir: str | Path, device: str = "cpu", encoder=None) -> None:
+        """Give a model that has an image encoder (Kimi K2.5; otherwise nothing happens) its encoder: ``encoder``
+        (anything with ``encode(images) -> embeddings``, e.g. a client of the VisionEncoder pool), else the encoder
+        loaded into this process. Requests' images are encoded when they are prepared; their embeddings travel to
+        the attention workers with the step's per-sequence input."""
         if self.args.vision is None:
             return
-        from k2ray.runtime.vision import VisionRunner
+        if encoder is None:
+            from k2ray.runtime.vision import VisionRunner
 
-        self.input_processor.vision = VisionRunner(model_dir, self.args, self.config.torch_dtype, device)
+            encoder = VisionRunner(model_dir, self.args, self.config.torch_dtype, device)
+        self.input_processor.vision = encoder
 
     @property
     def num_images_encoded(self) -> int:
         v = self.input_processor.vision
-        return 0 if v is None else v.images_encoded
+        return getattr(v, "images_encoded", 0)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def prepare_request(

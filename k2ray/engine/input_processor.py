@@ -82,7 +82,10 @@ class InputProcessor:
         request_id = self._reserve_id(request_id)
         try:
             if items:
-                for item, emb in zip(items, self.vision.encode(images)):
+                embeds = self.vision.encode(images)
+                for item, emb in zip(items, embeds, strict=True):
+                    if tuple(emb.shape) != (item.length, self.args.hidden_size):
+                        raise RuntimeError(f"image encoder returned {tuple(emb.shape)} for {item.length} tokens")
                     item.embeds = emb
             compiled = self._compile_grammar(params)
         except BaseException:

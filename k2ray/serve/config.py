@@ -50,6 +50,13 @@ class ServeArgs(BaseModel):
     allow_image_urls: bool = True
     allow_private_image_urls: bool = False
     image_fetch_timeout_s: float = 10.0
+    # Where the image encoder runs: 0 = in each router replica's process; N > 0 = a VisionEncoder deployment of N
+    # replicas (vision_worker_cpus / vision_worker_gpus each, LRU cache of vision_cache_images embeddings each)
+    # shared by all model groups.
+    vision_workers: int = 0
+    vision_worker_cpus: float = 1.0
+    vision_worker_gpus: float = 0.0
+    vision_cache_images: int = 64
 
     _keys: Optional[list[str]] = PrivateAttr(None)
 
@@ -82,7 +89,8 @@ class ServeArgs(BaseModel):
             raise ValueError("must be greater than 0")
         return v
 
-    @field_validator("router_cpus", "router_gpus")
+    @field_validator("router_cpus", "router_gpus", "vision_workers", "vision_worker_cpus", "vision_worker_gpus",
+                     "vision_cache_images")
     @classmethod
     def _router_resources(cls, v: float) -> float:
         if v < 0:

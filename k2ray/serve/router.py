@@ -68,7 +68,7 @@ def _replica_id() -> str:
 class K2Router:
     """The router of one model group (a Serve deployment class; see :func:`k2ray.serve.app.build_app`)."""
 
-    def __init__(self, args: dict | ServeArgs):
+    def __init__(self, args: dict | ServeArgs, vision=None):
         from k2ray.checkpoint.builtin import resolve_model
 
         logs.configure()
@@ -76,6 +76,7 @@ class K2Router:
         self.model_name = self.args.model_name
         self.model_dir = Path(resolve_model(self.args.model))
         self.group_id = _replica_id()
+        self.vision = vision  # handle of the VisionEncoder deployment (vision_workers > 0), else None
         self.tokenizer = None
         self.eos_token_ids = None
         self._state = "starting"
@@ -138,8 +139,10 @@ class K2Router:
 
         engine = LLMEngine(self.executor, self.args.engine, self.tokenizer, self.eos_token_ids)
         p = self.args.parallel
-        engine.attach_vision(self.model_dir, "cuda" if p.device == "cuda" and self.args.router_gpus > 0 else "cpu")
-        if engine.input_processor.vision is not None:
+        remote = _VisionPoolClient(self.vision) if self.vision is not None else None
+        engine.attach_vision(self.model_dir, "cuda" if p.device == "cuda" and self.args.router_gpus > 0 else "cpu",
+                             encoder=remote)
+        if remote is None and engine.input_processor.vision is not None:
             encoded = metrics.VISION_IMAGES_ENCODED_TOTAL.labels(model=self.model_name)
             engine.input_processor.vision.on_encoded = encoded.inc
         queue = metrics.QUEUE_TIME.labels(model=self.model_name)
@@ -365,6 +368,20 @@ class K2Router:
                 self.engine.shutdown()
         except Exception:
             pass
+
+
+class _VisionPoolClient:
+    """The engine's image encoder when it is the shared VisionEncoder deployment: called on the prepare threads
+    (never on the event loop); the embeddings come back through the object store."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def encode(self, images: list) -> list:
+        return self.handle.encode.remote(images).result(timeout_s=_VISION_TIMEOUT_S)
+
+
+_VISION_TIMEOUT_S = 300.0
 
 
 def _release_prepared(engine, fut: concurrent.futures.Future) -> None:

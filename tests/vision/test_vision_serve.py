@@ -1,6 +1,7 @@
 """Image input over the OpenAI API: the official ``openai`` client sends a data-URL image to the k2ray Serve app on
-the tiny K2.5 model (one model group: 1 attention worker + 1 expert shard, Ray executor); the greedy answer equals
-``LLM.chat`` (local executor) token for token, and usage counts the image's tokens."""
+the tiny K2.5 model (one model group: 1 attention worker + 1 expert shard, Ray executor; the image encoder as its own
+VisionEncoder deployment, ``vision_workers: 1``); the greedy answer equals ``LLM.chat`` (local executor, encoder
+in-process) token for token, and usage counts the image's tokens."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def base(k25_dir, tmp_path_factory):
         "engine": {"num_kv_blocks": 256, "block_size": 16, "max_num_seqs": 4},
         "parallel": {"executor": "ray", "attention_workers": 1, "expert_shards": 1, "cpus_per_worker": 0.5},
         "router_cpus": 0.5,
+        "vision_workers": 1, "vision_worker_cpus": 0.5,
     }
     with serve_app(args, tmp_path_factory.mktemp("k2ray-cache"), num_cpus=4) as url:
         yield url
@@ -77,3 +79,13 @@ def test_bad_image_is_400_naming_the_part(base):
                    timeout=120)
     assert_openai_error(r, 400, param="messages[0].content[0]")
     assert "non-public" in r.json()["error"]["message"]
+
+
+def test_images_were_encoded_by_the_vision_pool(base):
+    from ray import serve
+
+    app = serve.status().applications["k2ray"]
+    assert app.deployments["VisionEncoder"].status == "HEALTHY"
+    handle = serve.get_deployment_handle("VisionEncoder", app_name="k2ray")
+    stats = handle.stats.remote().result(timeout_s=60)
+    assert stats["images_encoded"] >= 1 and stats["cache_hits"] >= 1  # the same image twice: once encoded
