@@ -82,3 +82,27 @@ def test_encoder_matches_transformers(k25_dir, hf_k25):
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
         assert r.std() > 0.1
+
+
+def test_released_k25_config_parses():
+    """The released Kimi-K2.5 vision_config (issue #23's numbers) and its top-level keys."""
+    cfg = tiny_k25_config()
+    cfg["text_config"].update(hidden_size=7168, vocab_size=163840)
+    cfg["vision_config"] = {
+        "vt_hidden_size": 1152, "vt_num_hidden_layers": 27, "vt_num_attention_heads": 16,
+        "vt_intermediate_size": 4304, "patch_size": 14, "init_pos_emb_height": 64, "init_pos_emb_width": 64,
+        "init_pos_emb_time": 4, "pos_emb_type": "divided_fixed", "merge_kernel_size": [2, 2],
+        "merge_type": "sd2_tpool", "mm_projector_type": "patchmerger", "mm_hidden_size": 1152,
+        "text_hidden_size": 7168, "projector_ln_eps": 1e-5, "projector_hidden_act": "gelu",
+        "video_attn_type": "spatial_temporal",
+    }
+    cfg.update(media_placeholder_token_id=163605, use_unified_vision_chunk=True, video_placeholder="<|kimi_k25_video_placeholder|>")
+    a = ModelArgs.from_dict(cfg)
+    v = a.vision
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size) == (1152, 27, 16, 4304)
+    assert (v.head_dim, v.merge_size, v.text_hidden_size, v.pos_emb_height) == (72, 4, 7168, 64)
+    assert a.media_placeholder_token_id == 163605
+    # a text_hidden_size that does not match the text model is named
+    cfg["vision_config"]["text_hidden_size"] = 4096
+    with pytest.raises(ConfigError, match="text_hidden_size"):
+        ModelArgs.from_dict(cfg)
