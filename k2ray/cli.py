@@ -38,13 +38,22 @@ def _make_tiny_args(p: argparse.ArgumentParser) -> None:
                    help="tiny (default: 4 small layers, 32 experts, 2304-token vocabulary) or k2-mini (Kimi K2's real "
                         "layer shapes and 163,840-token vocabulary, 3 layers of which 2 MoE with 384 INT4 experts: "
                         "about 25 GB, written shard by shard)")
+    p.add_argument("--format", choices=("kimi_k2", "kimi_k25"), default="kimi_k2",
+                   help="kimi_k2: the K2-Thinking layout (default); kimi_k25: the K2.5 layout with a tiny image "
+                        "encoder (MoonViT), its preprocessor config and an image-aware chat template")
 
 
 def _make_tiny_run(args: argparse.Namespace) -> int:
-    from k2ray.checkpoint.tiny import make_preset
+    from k2ray.checkpoint.tiny import make_preset, make_tiny
 
-    out = make_preset(args.dir, preset=args.preset, seed=args.seed)
-    print(f"wrote {args.preset} K2 checkpoint to {out}")
+    if args.format != "kimi_k2" and args.preset != "tiny":
+        raise SystemExit(f"k2ray make-tiny: --format {args.format} is only available with --preset tiny")
+    if args.preset == "tiny":
+        out = make_tiny(args.dir, seed=args.seed, format=args.format)
+        print(f"wrote tiny {'K2.5' if args.format == 'kimi_k25' else 'K2'} checkpoint to {out}")
+    else:
+        out = make_preset(args.dir, preset=args.preset, seed=args.seed)
+        print(f"wrote {args.preset} K2 checkpoint to {out}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """The one config model of k2ray: the model architecture parsed from a HuggingFace ``config.json``.
 
 Accepts ``model_type`` ``kimi_k2`` / ``deepseek_v3`` (flat) and ``kimi_k25`` (text model nested in ``text_config``,
-tensors prefixed ``language_model.``). Every key of the file must be known: a typo or an unsupported field is an error
-that names the field and the file.
+tensors prefixed ``language_model.``; the MoonViT image encoder in ``vision_config``, parsed into
+:class:`VisionArgs`). Every key of the file must be known: a typo or an unsupported field is an error that names the
+field and the file.
 """
 
 from __future__ import annotations
@@ -58,8 +59,153 @@ _IGNORED_KEYS = {
 }
 
 
+class VisionArgs(BaseModel):
+    """Kimi K2.5's image encoder (MoonViT) and its patch-merger projector.
+
+    The released checkpoint spells the tower's keys with a ``vt_`` prefix (``vt_hidden_size``, ...) and puts the
+    projector's keys in ``vision_config`` too (``mm_hidden_size``, ``text_hidden_size``, ``projector_ln_eps``);
+    transformers' ``Kimi_K25VisionConfig`` uses unprefixed names (``hidden_size``, ``pos_emb_height``, ...) and
+    keeps the projector's at the top level (``projection_hidden_size``, ``projection_layer_norm_eps``). Both parse
+    to the same fields (:meth:`from_dict`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden_size: int = 1152
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    intermediate_size: int = 4304
+    patch_size: int = 14
+    pos_emb_height: int = 64
+    pos_emb_width: int = 64
+    pos_emb_time: int = 4
+    merge_kernel_size: tuple[int, int] = (2, 2)
+    rope_theta: float = 10000.0
+    mm_hidden_size: int = 1152  # the projector's per-patch LayerNorm width (= hidden_size)
+    text_hidden_size: int = 7168  # the projector's output width (= the text model's hidden_size)
+    projector_ln_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5
+
+    @field_validator("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+                     "pos_emb_height", "pos_emb_width", "pos_emb_time")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "VisionArgs":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim={self.head_dim} must be divisible by 4 (2-D rotary: x and y pairs)")
+        if self.mm_hidden_size != self.hidden_size:
+            raise ValueError(f"mm_hidden_size={self.mm_hidden_size} must equal hidden_size={self.hidden_size}")
+        if any(k <= 0 for k in self.merge_kernel_size):
+            raise ValueError("merge_kernel_size must be positive")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def merge_size(self) -> int:
+        """Patches per merged token (4 for a 2x2 kernel)."""
+        return self.merge_kernel_size[0] * self.merge_kernel_size[1]
+
+    @classmethod
+    def from_dict(cls, vision: dict[str, Any], top: dict[str, Any], source: str) -> "VisionArgs":
+        """``vision`` is ``vision_config``; ``top`` the top-level kimi_k25 config (transformers' projector keys).
+
+        Keys that select an algorithm must name one k2ray implements; the message names the key.
+        """
+        if not isinstance(vision, dict):
+            raise ConfigError(f"{source}: field 'vision_config': expected an object")
+        kwargs: dict[str, Any] = {}
+        for key, value in vision.items():
+            where = f"vision_config.{key}"
+            if key in _VISION_CHOICES:
+                allowed = _VISION_CHOICES[key]
+                got = tuple(value) if isinstance(value, list) else value
+                if got not in allowed:
+                    raise ConfigError(f"{source}: field {where!r}: unsupported value {value!r} (k2ray implements "
+                                      f"{' or '.join(repr(a) for a in allowed)})")
+                continue
+            if key in _VISION_IGNORED:
+                continue
+            name = _VISION_KEYS.get(key)
+            if name is None:
+                raise ConfigError(f"{source}: unknown field {where!r}")
+            if key == "rope_parameters":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: field {where!r}: expected an object")
+                rtype = value.get("rope_type", "axial")
+                if rtype != "axial":
+                    raise ConfigError(f"{source}: field '{where}.rope_type': unsupported value {rtype!r} "
+                                      "(k2ray implements 'axial')")
+                value = value.get("rope_theta", 10000.0)
+            kwargs[name] = value
+        # transformers keeps the projector's keys at the top level
+        if "projection_hidden_size" in top and top["projection_hidden_size"] is not None:
+            kwargs.setdefault("mm_hidden_size", top["projection_hidden_size"])
+        if "projection_layer_norm_eps" in top:
+            kwargs.setdefault("projector_ln_eps", top["projection_layer_norm_eps"])
+        text = top.get("text_config") or {}
+        if "hidden_size" in text:
+            kwargs.setdefault("text_hidden_size", text["hidden_size"])
+        try:
+            return cls(**kwargs)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+            raise ConfigError(f"{source}: field 'vision_config.{loc}': {err['msg']}") from None
+
+
+# vision_config key (either spelling) -> VisionArgs field
+_VISION_KEYS = {
+    "vt_hidden_size": "hidden_size", "hidden_size": "hidden_size",
+    "vt_num_hidden_layers": "num_hidden_layers", "num_hidden_layers": "num_hidden_layers",
+    "vt_num_attention_heads": "num_attention_heads", "num_attention_heads": "num_attention_heads",
+    "vt_intermediate_size": "intermediate_size", "intermediate_size": "intermediate_size",
+    "patch_size": "patch_size",
+    "init_pos_emb_height": "pos_emb_height", "pos_emb_height": "pos_emb_height",
+    "init_pos_emb_width": "pos_emb_width", "pos_emb_width": "pos_emb_width",
+    "init_pos_emb_time": "pos_emb_time", "pos_emb_time": "pos_emb_time",
+    "merge_kernel_size": "merge_kernel_size",
+    "rope_parameters": "rope_theta",
+    "mm_hidden_size": "mm_hidden_size",
+    "text_hidden_size": "text_hidden_size",
+    "projector_ln_eps": "projector_ln_eps",
+}
+# Keys that pick an algorithm: the values k2ray implements (the release's and transformers' spellings).
+_VISION_CHOICES: dict[str, tuple] = {
+    "pos_emb_type": ("divided_fixed",),
+    "merge_type": ("sd2_tpool",),
+    "mm_projector_type": ("patchmerger",),
+    "projector_hidden_act": ("gelu",),
+    "hidden_act": ("gelu_pytorch_tanh", "gelu_tanh"),
+    "video_attn_type": ("spatial_temporal",),
+}
+_VISION_IGNORED = {
+    "model_type", "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version",
+    "initializer_range", "_attn_implementation", "vt_num_key_value_heads", "num_key_value_heads",
+    "output_attentions", "output_hidden_states", "return_dict", "use_return_dict", "name_or_path",
+}
+# Top-level kimi_k25 keys besides text_config / vision_config that do not change the math.
+_K25_TOP_KEYS = {
+    "model_type", "architectures", "auto_map", "text_config", "vision_config", "media_placeholder_token_id",
+    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "projection_hidden_size",
+    "projection_layer_norm_eps", "tie_word_embeddings", "torch_dtype", "dtype", "transformers_version",
+    "quantization_config", "use_unified_vision_chunk", "video_placeholder", "pad_token_id", "bos_token_id",
+    "eos_token_id", "ignore_index", "_name_or_path", "name_or_path", "use_cache", "initializer_range",
+}
+
+
 class ModelArgs(BaseModel):
-    """DeepSeek-V3 / Kimi K2 architecture."""
+    """DeepSeek-V3 / Kimi K2 architecture (and, for Kimi K2.5, its image encoder in ``vision``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -97,6 +243,8 @@ class ModelArgs(BaseModel):
     pad_token_id: Optional[int] = None
     quantization: Optional[QuantArgs] = None
     tensor_prefix: str = ""  # "language_model." for kimi_k25
+    vision: Optional[VisionArgs] = None  # kimi_k25: the image encoder (tensors vision_tower.*, mm_projector.*)
+    media_placeholder_token_id: Optional[int] = None  # kimi_k25: the <|media_pad|> id the image embeddings replace
 
     @field_validator(
         "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -121,6 +269,13 @@ class ModelArgs(BaseModel):
             raise ValueError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
         if self.qk_rope_head_dim % 2:
             raise ValueError("qk_rope_head_dim must be even (rope rotates pairs)")
+        if self.vision is not None:
+            if self.vision.text_hidden_size != self.hidden_size:
+                raise ValueError(f"vision_config.text_hidden_size={self.vision.text_hidden_size} does not match the "
+                                 f"text model's hidden_size={self.hidden_size}")
+            if not 0 <= (self.media_placeholder_token_id or 0) < self.vocab_size:
+                raise ValueError(f"media_placeholder_token_id={self.media_placeholder_token_id} is outside the "
+                                 f"vocabulary [0, {self.vocab_size})")
         return self
 
     # -- derived quantities --------------------------------------------------------------------------------------
@@ -166,16 +321,31 @@ class ModelArgs(BaseModel):
         raw = dict(raw)
         prefix = ""
         mtype = raw.get("model_type")
+        vision = None
+        placeholder = None
         if mtype == "kimi_k25":
+            top = raw
             text = raw.get("text_config")
             if not isinstance(text, dict):
                 raise ConfigError(f"{source}: model_type kimi_k25 needs a 'text_config' object")
+            unknown_top = sorted(k for k in top if k not in _K25_TOP_KEYS)
+            if unknown_top:
+                raise ConfigError(f"{source}: unknown field {unknown_top[0]!r}")
             quant = raw.get("quantization_config", text.get("quantization_config"))
             raw = dict(text)
             if quant is not None:
                 raw["quantization_config"] = quant
+            # The release says tie_word_embeddings false; transformers' class defaults it to true when absent:
+            # the top-level value (or the text config's) decides, false when neither says.
+            if "tie_word_embeddings" in top and "tie_word_embeddings" not in raw:
+                raw["tie_word_embeddings"] = top["tie_word_embeddings"]
             prefix = "language_model."
             mtype = raw.get("model_type", "kimi_k2")
+            if top.get("vision_config") is not None:
+                vision = VisionArgs.from_dict(top["vision_config"], top, source)
+                placeholder = top.get("media_placeholder_token_id", top.get("image_token_id"))
+                if not isinstance(placeholder, int):
+                    raise ConfigError(f"{source}: field 'media_placeholder_token_id': expected an integer token id")
         if mtype not in ("kimi_k2", "deepseek_v3"):
             raise ConfigError(
                 f"{source}: field 'model_type': unsupported value {mtype!r} (expected kimi_k2, deepseek_v3 or kimi_k25)"
@@ -188,6 +358,8 @@ class ModelArgs(BaseModel):
         kwargs = {k: v for k, v in raw.items() if k in fields}
         kwargs["model_type"] = mtype
         kwargs["tensor_prefix"] = prefix
+        kwargs["vision"] = vision
+        kwargs["media_placeholder_token_id"] = placeholder
         if raw.get("quantization_config") is not None:
             kwargs["quantization"] = _parse_quant(raw["quantization_config"], source)
         try:

@@ -71,11 +71,15 @@ class LLM:
         self,
         prompts: PromptLike | Iterable[PromptLike],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        images: Optional[Sequence[Optional[list]]] = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (a string, or a list of token ids; or a list of those). ``params`` is one
         :class:`SamplingParams` for all or a list with one per prompt. Every prompt is validated before anything
-        runs, so an invalid one raises without side effects."""
+        runs, so an invalid one raises without side effects. ``images``: per prompt, the
+        :class:`~k2ray.tokenizer.image.ProcessedImage` of each of its ``<|media_pad|>`` placeholders (or None)."""
         plist = _normalize_prompts(prompts)
+        if images is not None and len(images) != len(plist):
+            raise ValueError(f"images: {len(images)} image lists for {len(plist)} prompts")
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
@@ -89,7 +93,7 @@ class LLM:
         try:
             for i, (p, sp) in enumerate(zip(plist, param_list)):
                 try:
-                    reqs.append(engine.prepare_request(p, sp))
+                    reqs.append(engine.prepare_request(p, sp, images=images[i] if images else None))
                 except ValueError as e:
                     if len(plist) == 1:
                         raise
@@ -121,19 +125,22 @@ class LLM:
         chat_template_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[ChatOutput]:
         """Render each conversation (OpenAI messages) with the model's chat template, generate, and parse the
-        reasoning and tool calls as the Serve API does. One conversation or a list of them."""
+        reasoning and tool calls as the Serve API does. One conversation or a list of them. Image parts
+        (``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``) go through the model's image
+        encoder (Kimi K2.5)."""
         from k2ray.tokenizer.chat import ChatTemplate
         from k2ray.tokenizer.parsers import openai_finish_reason, parse_output
 
         convs = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
         template = ChatTemplate.from_dir(self.model_dir, self.tokenizer)
         prompts = [template.apply(c, tools, **(chat_template_kwargs or {})) for c in convs]
+        images = [self._load_images(cp.images) for cp in prompts] if any(cp.images for cp in prompts) else None
         params = params or SamplingParams()
         # the parser needs the markers in the text; it hides them itself
         params = params.model_copy(update={"skip_special_tokens": False})
         thinks = template.thinks
         results = []
-        for cp, out in zip(prompts, self.generate([cp.token_ids for cp in prompts], params)):
+        for cp, out in zip(prompts, self.generate([cp.token_ids for cp in prompts], params, images=images)):
             msgs, reasons = [], []
             for o in out.outputs:
                 parsed = parse_output(o.text, thinking=thinks and cp.thinking, tools=bool(tools),
@@ -144,6 +151,25 @@ class LLM:
                 reasons.append(openai_finish_reason(o.finish_reason, bool(msg.get("tool_calls"))))
             results.append(ChatOutput(out, msgs, reasons))
         return results
+
+    def _load_images(self, parts) -> list:
+        """Decode and preprocess the image parts of one conversation (``data:`` URLs)."""
+        from k2ray.tokenizer.image import ImageError, ImageProcessorConfig, load_image, parse_data_url
+
+        if not parts:
+            return []
+        if self.engine.args.vision is None:
+            raise ValueError(f"{parts[0].where}: this model does not accept images (it has no image encoder)")
+        cfg = ImageProcessorConfig.from_dir(self.model_dir)
+        out = []
+        for part in parts:
+            try:
+                if not part.url.startswith("data:"):
+                    raise ImageError("LLM.chat reads data: URLs only (fetch the image and pass its bytes as one)")
+                out.append(load_image(parse_data_url(part.url)[1], cfg))
+            except ImageError as e:
+                raise ValueError(f"{part.where}: {e}") from None
+        return out
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -277,6 +277,10 @@ CONSTRAINED_REQUESTS_TOTAL = Counter(
 GRAMMAR_MASK_SECONDS = Histogram(
     "k2ray_grammar_mask_seconds", "Time to compute the token masks of one step's constrained requests.",
     ("model",), FAST_BUCKETS)
+# ---- image input (Kimi K2.5) ----
+VISION_IMAGES_ENCODED_TOTAL = Counter(
+    "k2ray_vision_images_encoded_total", "Images run through the image encoder (encoder cache hits not counted).",
+    ("model",))
 
 ALL_METRICS: Tuple[Metric, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Metric))
 _BY_NAME: Dict[str, Metric] = {m.name: m for m in ALL_METRICS}

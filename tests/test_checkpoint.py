@@ -11,7 +11,7 @@ from k2ray.checkpoint import CheckpointError
 from k2ray.checkpoint.index import CheckpointIndex
 from k2ray.checkpoint.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from k2ray.checkpoint.loader import WeightLoader, dequantize_fp8_blocks, load_model
-from k2ray.checkpoint.tiny import tiny_config
+from k2ray.checkpoint.tiny import TINY_VISION_CONFIG, tiny_config
 from k2ray.config import ConfigError, ModelArgs
 
 # -- INT4 vs the compressed-tensors library ----------------------------------------------------------------------
@@ -63,10 +63,13 @@ def test_config_variants(tmp_path):
     assert a.kv_cache_dim == 80 and a.moe_layers == [1, 2, 3] and a.experts_int4
     assert ModelArgs.from_dict({**cfg, "model_type": "deepseek_v3"}).model_type == "deepseek_v3"
     k25 = {"model_type": "kimi_k25", "text_config": {k: v for k, v in cfg.items() if k != "quantization_config"},
-           "vision_config": {"depth": 2}, "quantization_config": cfg["quantization_config"],
-           "architectures": ["KimiK25ForConditionalGeneration"]}
+           "vision_config": dict(TINY_VISION_CONFIG), "media_placeholder_token_id": 2069,
+           "quantization_config": cfg["quantization_config"], "architectures": ["KimiK25ForConditionalGeneration"]}
     b = ModelArgs.from_dict(k25)
     assert b.tensor_prefix == "language_model." and b.experts_int4 and b.hidden_size == a.hidden_size
+    assert b.vision is not None and b.media_placeholder_token_id == 2069
+    with pytest.raises(ConfigError, match="vision_config.depth"):  # vision keys are checked like the text ones
+        ModelArgs.from_dict({**k25, "vision_config": {**TINY_VISION_CONFIG, "depth": 2}})
 
 
 def test_real_k2_thinking_config_parses():

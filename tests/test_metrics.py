@@ -47,6 +47,7 @@ COUNTS = [  # (metric, labels besides model, increment per round)
     (M.PREFIX_CACHE_HIT_TOKENS_TOTAL, {}, 25),
     (M.CONSTRAINED_REQUESTS_TOTAL, {}, 1),
     (M.EPLB_REBALANCES_TOTAL, {}, 1),
+    (M.VISION_IMAGES_ENCODED_TOTAL, {}, 2),
 ]
 OBSERVATIONS = [  # (metric, labels besides model, value, observations per round)
     (M.TTFT, {}, 0.12, 4),
@@ -163,6 +164,7 @@ def test_catalog_matches_issue():
         "k2ray_eplb_switch_seconds": ("model",),
         "k2ray_constrained_requests_total": ("model",),
         "k2ray_grammar_mask_seconds": ("model",),
+        "k2ray_vision_images_encoded_total": ("model",),
     }
     assert {n: m.labelnames for n, m in names.items()} == expected
     for m in metrics.ALL_METRICS:

@@ -225,3 +225,28 @@ def _restore_fp32_buffers(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, Gate):
             m.e_score_correction_bias = m.e_score_correction_bias.float()
+
+
+def load_vision_encoder(model_dir: str | Path, dtype: torch.dtype = torch.float32, args: ModelArgs | None = None):
+    """The Kimi K2.5 image encoder (:class:`~k2ray.model.vision.KimiVisionEncoder`): only ``vision_tower.*`` and
+    ``mm_projector.*`` are read (the text workers never read them). Raises :class:`CheckpointError` when the model
+    has no ``vision_config``."""
+    from k2ray.model.vision import KimiVisionEncoder
+
+    args = args or ModelArgs.from_dir(model_dir)
+    if args.vision is None:
+        raise CheckpointError(f"{model_dir}: the model has no image encoder (no vision_config in config.json)")
+    with torch.device("meta"):
+        enc = KimiVisionEncoder(args.vision)
+    enc = enc.to_empty(device="cpu").to(dtype)
+    index = CheckpointIndex(model_dir)
+    with torch.no_grad():
+        for name, dst in enc.state_dict().items():  # the encoder's names are the checkpoint's (no text prefix)
+            if name not in index:
+                raise CheckpointError(f"{model_dir}: tensor {name!r} is missing from the checkpoint")
+            src = index.get(name)
+            if tuple(src.shape) != tuple(dst.shape):
+                raise CheckpointError(f"tensor {name!r} in {Path(model_dir) / index.shard_of(name)}: shape "
+                                      f"{tuple(src.shape)} does not match expected {tuple(dst.shape)}")
+            dst.copy_(src.to(dtype))
+    return enc.eval()

@@ -8,6 +8,11 @@ special tokens follow a small BPE vocabulary at the K2 offsets.
 the dense one and two MoE layers of 384 INT4 experts plus the shared expert (about 25 GB). Its tensors are cut from
 seeded random pools shard by shard as the shards are written (:func:`write_checkpoint_lazily`), so it takes seconds
 and one shard of memory, and the same seed gives the same bytes on any machine.
+
+``--format kimi_k25`` writes the Kimi K2.5 layout instead: the same text model nested in ``text_config`` with its
+tensors under ``language_model.``, a tiny MoonViT (``vision_tower.*``, ``vision_config`` keys spelled ``vt_*`` as
+released) and projector (``mm_projector.*``), ``media_placeholder_token_id`` at the tiny vocabulary's
+``<|media_pad|>``, a ``preprocessor_config.json`` and a chat template that renders image parts.
 """
 
 from __future__ import annotations
@@ -115,20 +120,26 @@ def random_state_dict(args, seed: int, std: float = 0.02) -> dict[str, torch.Ten
     return sd
 
 
-def write_checkpoint(out_dir: str | Path, config: dict, state: dict[str, torch.Tensor], num_shards: int = 2) -> None:
-    """Write ``state`` (model-format names, experts stacked as ``experts.w13/w2``) as a K2-format checkpoint."""
+def write_checkpoint(out_dir: str | Path, config: dict, state: dict[str, torch.Tensor], num_shards: int = 2,
+                     extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``state`` (model-format names, experts stacked as ``experts.w13/w2``) as a K2-format checkpoint; the
+    text tensors get the config's prefix (``language_model.`` for kimi_k25). ``extra`` tensors (the image encoder's)
+    are written as given, in bf16."""
     from k2ray.config import ModelArgs
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args = ModelArgs.from_dict(config)
+    prefix = args.tensor_prefix
     i_dim = args.moe_intermediate_size
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         if name.endswith(".mlp.experts.w13") or name.endswith(".mlp.experts.w2"):
             continue
         dtype = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
-        tensors[name] = t.detach().to(dtype).contiguous()
+        tensors[prefix + name] = t.detach().to(dtype).contiguous()
+    for name, t in (extra or {}).items():
+        tensors[name] = t.detach().to(torch.bfloat16).contiguous()
     for layer in args.moe_layers:
         w13 = state[f"model.layers.{layer}.mlp.experts.w13"]
         w2 = state[f"model.layers.{layer}.mlp.experts.w2"]
@@ -136,7 +147,7 @@ def write_checkpoint(out_dir: str | Path, config: dict, state: dict[str, torch.T
             parts = {"gate_proj": w13[e, :i_dim], "up_proj": w13[e, i_dim:], "down_proj": w2[e]}
             for proj, w in parts.items():
                 q, scale = quantize_int4(w.detach().float(), scale_dtype=torch.bfloat16)
-                base = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                base = f"{prefix}model.layers.{layer}.mlp.experts.{e}.{proj}"
                 tensors[base + ".weight_packed"] = pack_int4(q)
                 tensors[base + ".weight_scale"] = scale.contiguous()
                 tensors[base + ".weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int32)
@@ -159,9 +170,9 @@ def _write_metadata(out: Path, config: dict, weight_map: dict[str, str], total: 
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": [config["bos_token_id"] + 1, config["bos_token_id"] + 2],
-        "pad_token_id": config["pad_token_id"],
+        "bos_token_id": args.bos_token_id,
+        "eos_token_id": [args.bos_token_id + 1, args.bos_token_id + 2],
+        "pad_token_id": args.pad_token_id,
         "temperature": 1.0,
         "top_p": 1.0,
     }
@@ -169,6 +180,9 @@ def _write_metadata(out: Path, config: dict, weight_map: dict[str, str], total: 
 
 
 def _layer_key(name: str) -> tuple[int, str]:
+    if name.startswith(("vision_tower.", "mm_projector.")):
+        return (-2, name)
+    name = name.removeprefix("language_model.")
     if name.startswith("model.embed_tokens"):
         return (-1, name)
     if name.startswith("model.layers."):
@@ -176,15 +190,92 @@ def _layer_key(name: str) -> tuple[int, str]:
     return (10**9, name)
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the random-weight tiny checkpoint (deterministic for a given seed) and return its path."""
-    from k2ray.config import ModelArgs
-    from k2ray.tokenizer.tiny import write_tokenizer_files
+TINY_VISION_CONFIG = {
+    # The released vision_config keys (vt_ prefix), tiny sizes.
+    "vt_hidden_size": 64,
+    "vt_num_hidden_layers": 2,
+    "vt_num_attention_heads": 4,
+    "vt_intermediate_size": 128,
+    "patch_size": 14,
+    "init_pos_emb_height": 8,
+    "init_pos_emb_width": 8,
+    "init_pos_emb_time": 4,
+    "pos_emb_type": "divided_fixed",
+    "merge_kernel_size": [2, 2],
+    "merge_type": "sd2_tpool",
+    "mm_projector_type": "patchmerger",
+    "mm_hidden_size": 64,
+    "text_hidden_size": 256,
+    "projector_ln_eps": 1e-5,
+    "projector_hidden_act": "gelu",
+    "video_attn_type": "spatial_temporal",
+}
+# The released media_proc_cfg with tiny limits, so that the resize path is reached by small images.
+TINY_MEDIA_PROC_CFG = {
+    "in_patch_limit": 256,
+    "patch_size": 14,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "merge_kernel_size": 2,
+    "patch_limit_on_one_side": 32,
+}
 
-    config = tiny_config()
+
+def tiny_k25_config(base_vocab: int = TINY_BASE_VOCAB) -> dict:
+    """The tiny text model nested as Kimi K2.5 releases it, with a tiny MoonViT."""
+    text = dict(tiny_config(base_vocab))
+    quant = text.pop("quantization_config")
+    for k in ("architectures", "transformers_version", "torch_dtype"):
+        text.pop(k)
+    return {
+        "architectures": ["KimiK25ForConditionalGeneration"],
+        "model_type": "kimi_k25",
+        "text_config": text,
+        "vision_config": dict(TINY_VISION_CONFIG),
+        "media_placeholder_token_id": base_vocab + 21,  # <|media_pad|> (163605 in the real vocabulary)
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.56.2",
+        "quantization_config": quant,
+    }
+
+
+def random_vision_state_dict(vision_args, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Deterministic random fp32 weights of the image encoder, under the released names."""
+    from k2ray.model.vision import KimiVisionEncoder
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    sd = {}
+    for name, t in KimiVisionEncoder(vision_args).state_dict().items():
+        if "norm" in name and name.endswith(".weight"):
+            sd[name] = 1.0 + 0.1 * torch.randn(t.shape, generator=g)
+        elif name.endswith("pos_emb.weight"):
+            sd[name] = 0.5 * torch.randn(t.shape, generator=g)
+        elif name.endswith(".bias"):
+            sd[name] = 0.05 * torch.randn(t.shape, generator=g)
+        else:
+            fan_in = t[0].numel()
+            sd[name] = fan_in**-0.5 * torch.randn(t.shape, generator=g)
+    return sd
+
+
+def make_tiny(out_dir: str | Path, seed: int = 0, format: str = "kimi_k2") -> Path:
+    """Write the random-weight tiny checkpoint (deterministic for a given seed) and return its path. ``format``:
+    ``kimi_k2`` (K2-Thinking layout) or ``kimi_k25`` (K2.5 layout, with the image encoder)."""
+    from k2ray.config import ModelArgs
+    from k2ray.tokenizer.tiny import write_k25_files, write_tokenizer_files
+
+    if format not in ("kimi_k2", "kimi_k25"):
+        raise ValueError(f"format: unknown checkpoint format {format!r} (kimi_k2 or kimi_k25)")
+    config = tiny_config() if format == "kimi_k2" else tiny_k25_config()
     args = ModelArgs.from_dict(config)
-    write_checkpoint(out_dir, config, random_state_dict(args, seed))
+    extra = random_vision_state_dict(args.vision, seed) if args.vision is not None else None
+    write_checkpoint(out_dir, config, random_state_dict(args, seed), extra=extra)
     write_tokenizer_files(out_dir)
+    if format == "kimi_k25":
+        write_k25_files(out_dir)
+        (Path(out_dir) / "preprocessor_config.json").write_text(
+            json.dumps({"media_proc_cfg": TINY_MEDIA_PROC_CFG}, indent=2) + "\n")
     return Path(out_dir)
 
 

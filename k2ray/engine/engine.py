@@ -114,10 +114,31 @@ class LLMEngine:
         tokenizer = load_tokenizer(model_dir)
         executor = build_executor(model_dir, config, parallel)
         try:
-            return cls(executor, config, tokenizer, load_eos_token_ids(model_dir, executor.args))
+            engine = cls(executor, config, tokenizer, load_eos_token_ids(model_dir, executor.args))
+            device = parallel.device if parallel is not None and parallel.executor == "local" else "cpu"
+            engine.attach_vision(model_dir, device)
+            return engine
         except BaseException:
             executor.shutdown()
             raise
+
+    def attach_vision(self, model_dir: str | Path, device: str = "cpu", encoder=None) -> None:
+        """Give a model that has an image encoder (Kimi K2.5; otherwise nothing happens) its encoder: ``encoder``
+        (anything with ``encode(images) -> embeddings``, e.g. a client of the VisionEncoder pool), else the encoder
+        loaded into this process. Requests' images are encoded when they are prepared; their embeddings travel to
+        the attention workers with the step's per-sequence input."""
+        if self.args.vision is None:
+            return
+        if encoder is None:
+            from k2ray.runtime.vision import VisionRunner
+
+            encoder = VisionRunner(model_dir, self.args, self.config.torch_dtype, device)
+        self.input_processor.vision = encoder
+
+    @property
+    def num_images_encoded(self) -> int:
+        v = self.input_processor.vision
+        return getattr(v, "images_encoded", 0)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def prepare_request(
@@ -126,12 +147,15 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        images: list | None = None,
     ) -> Request:
         """Validate and tokenize without touching the scheduler (safe from any thread). Raises ValueError
         (:class:`PromptTooLongError` for length) naming what is wrong. A prepared request that will not be added
-        after all must be given back with :meth:`release_prepared`."""
+        after all must be given back with :meth:`release_prepared`. ``images``
+        (:class:`~k2ray.tokenizer.image.ProcessedImage`, one per ``<|media_pad|>`` of the prompt) are encoded
+        here."""
         self._check_alive()
-        return self.input_processor.prepare(prompt, params, request_id, arrival_time)
+        return self.input_processor.prepare(prompt, params, request_id, arrival_time, images)
 
     def release_prepared(self, req: Request) -> None:
         """Give back the id of a request from :meth:`prepare_request` that will not be added (safe from any

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AbstractSet, Optional
 
 from k2ray.config import ModelArgs
-from k2ray.engine.request import PromptTooLongError, Request, Sequence
+from k2ray.engine.request import MMItem, PromptTooLongError, Request, Sequence
 from k2ray.runtime.sampling import ParamError, SamplingParams, derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from k2ray.engine.structured import StructuredOutputs
+    from k2ray.runtime.vision import VisionRunner
+    from k2ray.tokenizer.image import ProcessedImage
 
 Prompt = str | list[int]
 
@@ -64,19 +66,54 @@ class InputProcessor:
         self._structured: Optional["StructuredOutputs"] = None  # built on the first constrained request
         self._structured_lock = threading.Lock()
         self.grammar_compile_timeout_s = grammar_compile_timeout_s
+        self.vision: Optional["VisionRunner"] = None  # the image encoder, for models that have one
 
     def prepare(self, prompt: Prompt, params: SamplingParams | dict | None, request_id: Optional[str] = None,
-                arrival_time: Optional[float] = None) -> Request:
+                arrival_time: Optional[float] = None, images: Optional[list["ProcessedImage"]] = None) -> Request:
         """The validated request (safe from any thread); its id stays reserved until :meth:`release_id`. Raises
-        ValueError (:class:`PromptTooLongError` for length) naming what is wrong; nothing is reserved then."""
-        params, text, ids = self._validate(prompt, params)
+        ValueError (:class:`PromptTooLongError` for length) naming what is wrong; nothing is reserved then.
+
+        ``images``: one per ``<|media_pad|>`` placeholder of the prompt, in order; each placeholder is expanded to
+        its image's token count and the image's embeddings (run through the encoder here) replace them."""
+        params, text, ids = self._validate(prompt, params, images)
+        items = self._expand_images(ids, images) if images else []
+        if items:
+            self._check_length(ids)
         request_id = self._reserve_id(request_id)
         try:
+            if items:
+                embeds = self.vision.encode(images)
+                for item, emb in zip(items, embeds, strict=True):
+                    if tuple(emb.shape) != (item.length, self.args.hidden_size):
+                        raise RuntimeError(f"image encoder returned {tuple(emb.shape)} for {item.length} tokens")
+                    item.embeds = emb
             compiled = self._compile_grammar(params)
         except BaseException:
             self.release_id(request_id)
             raise
-        return self._make_request(request_id, ids, params, text, arrival_time, compiled)
+        req = self._make_request(request_id, ids, params, text, arrival_time, compiled)
+        req.mm_items = items
+        return req
+
+    def _expand_images(self, ids: list[int], images: list["ProcessedImage"]) -> list[MMItem]:
+        """Expand each placeholder of ``ids`` (in place) to its image's token count; the images' spans."""
+        pad = self.args.media_placeholder_token_id
+        if self.args.vision is None or pad is None or self.vision is None:
+            raise ParamError("messages", "this model does not accept images (it has no image encoder)")
+        where = [i for i, t in enumerate(ids) if t == pad]
+        if len(where) != len(images):
+            raise ParamError("messages", f"the prompt has {len(where)} image placeholders for {len(images)} images")
+        out: list[int] = []
+        items: list[MMItem] = []
+        prev = 0
+        for pos, im in zip(where, images):
+            out.extend(ids[prev:pos])
+            items.append(MMItem(offset=len(out), length=im.num_tokens, content_hash=im.content_hash))
+            out.extend([pad] * im.num_tokens)
+            prev = pos + 1
+        out.extend(ids[prev:])
+        ids[:] = out
+        return items
 
     def release_id(self, request_id: str) -> None:
         with self._ids_lock:
@@ -91,8 +128,8 @@ class InputProcessor:
             self._reserved_ids.add(request_id)
         return request_id
 
-    def _validate(self, prompt: Prompt, params: SamplingParams | dict | None) -> tuple[SamplingParams, Optional[str],
-                                                                                        list[int]]:
+    def _validate(self, prompt: Prompt, params: SamplingParams | dict | None, images=None,
+                  ) -> tuple[SamplingParams, Optional[str], list[int]]:
         """(params, prompt text or None, prompt token ids); raises ValueError (:class:`PromptTooLongError` for
         length) naming what is wrong."""
         params = params if params is not None else SamplingParams()
@@ -115,16 +152,20 @@ class InputProcessor:
                 raise ParamError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
         if not ids:
             raise ParamError("prompt", "empty prompt")
+        if not images:
+            self._check_length(ids)
+        if params.stop and self.tokenizer is None:
+            raise ParamError("stop", "stop strings need a tokenizer; this model directory has none")
+        params.check_vocab(self.args.vocab_size)  # a stop id or bias past the logits would fail the whole step
+        return params, text, ids
+
+    def _check_length(self, ids: list[int]) -> None:
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt: {len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len} "
                 f"(model context {self.args.max_position_embeddings}, KV cache "
                 f"{self.cache_tokens} tokens per attention worker)"
             )
-        if params.stop and self.tokenizer is None:
-            raise ParamError("stop", "stop strings need a tokenizer; this model directory has none")
-        params.check_vocab(self.args.vocab_size)  # a stop id or bias past the logits would fail the whole step
-        return params, text, ids
 
     def _compile_grammar(self, params: SamplingParams):
         """The compiled grammar of a constrained request (None when unconstrained); raises on a bad grammar."""

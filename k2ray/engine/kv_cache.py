@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 # The chain starts from a fixed root so that equal first blocks of any two sequences hash alike.
 ROOT_HASH = b"k2ray-prefix-root"
@@ -32,13 +32,15 @@ def chain_hash(parent: bytes, tokens: Sequence[int], extra: bytes = b"") -> byte
 
 
 def block_hashes(tokens: Sequence[int], block_size: int, num_blocks: int, known: list[bytes] | None = None,
-                 extra: bytes = b"") -> list[bytes]:
+                 extra: bytes = b"", extra_of: Optional[Callable[[int, int], bytes]] = None) -> list[bytes]:
     """Chain hashes of the first ``num_blocks`` full blocks of ``tokens``; extends ``known`` (already computed
-    leading hashes) in place and returns it."""
+    leading hashes) in place and returns it. ``extra_of(lo, hi)`` adds what else the block of positions
+    ``[lo, hi)`` depends on besides its tokens (the content hashes of the images whose placeholders it holds)."""
     out = known if known is not None else []
     parent = out[-1] if out else ROOT_HASH
     for i in range(len(out), num_blocks):
-        parent = chain_hash(parent, tokens[i * block_size : (i + 1) * block_size], extra)
+        more = extra + extra_of(i * block_size, (i + 1) * block_size) if extra_of is not None else extra
+        parent = chain_hash(parent, tokens[i * block_size : (i + 1) * block_size], more)
         out.append(parent)
     return out
 

@@ -11,9 +11,27 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from k2ray.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@dataclass
+class MMItem:
+    """An image in a prompt: its ``length`` placeholder tokens start at prompt position ``offset``; ``embeds``
+    ``[length, hidden]`` (from the image encoder) replace their token embeddings."""
+
+    offset: int
+    length: int
+    content_hash: bytes
+    embeds: Optional["torch.Tensor"] = None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
 
 
 class PromptTooLongError(ValueError):
@@ -166,6 +184,7 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.arrival_index = arrival_index  # FCFS order (ties in arrival_time broken by submission order)
         self.seqs: list[Sequence] = []
+        self.mm_items: list[MMItem] = []  # images, in prompt order (see MMItem)
         self.prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = (
             [None] if params.prompt_logprobs is not None else None
         )
@@ -178,3 +197,26 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+    @property
+    def block_extra(self) -> Optional[Callable[[int, int], bytes]]:
+        """For prefix-cache hashing (None for text): positions ``[lo, hi)`` of a block -> the content hashes (and
+        where they start) of the images whose placeholder tokens it holds, so that two prompts with the same tokens
+        and different images never share a block."""
+        if not self.mm_items:
+            return None
+        items = self.mm_items
+
+        def extra(lo: int, hi: int) -> bytes:
+            return b"".join(it.content_hash + it.offset.to_bytes(8, "little") for it in items
+                            if it.offset < hi and it.end > lo)
+        return extra
+
+    def embeds_for(self, start: int, end: int) -> list[tuple[int, "torch.Tensor"]]:
+        """Image embeddings for prompt positions ``[start, end)``: (index from ``start``, rows)."""
+        out = []
+        for it in self.mm_items:
+            lo, hi = max(start, it.offset), min(end, it.end)
+            if lo < hi:
+                out.append((lo - start, it.embeds[lo - it.offset : hi - it.offset]))
+        return out

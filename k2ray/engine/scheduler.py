@@ -296,7 +296,8 @@ class Scheduler:
         if want_prompt_logprobs:
             max_hit = 0
         if len(seq.block_hashes) < max_hit:
-            block_hashes(seq.token_at(0, max_hit * bs), bs, max_hit, seq.block_hashes)
+            block_hashes(seq.token_at(0, max_hit * bs), bs, max_hit, seq.block_hashes,
+                         extra_of=seq.request.block_extra)
         hashes = seq.block_hashes[:max_hit]
         if seq.attention_rank is None:
             rank, hit = self._pick_attention_rank(hashes)
@@ -346,7 +347,8 @@ class Scheduler:
                 bm = self.managers[seq.attention_rank]
                 if bm.enable_prefix_caching:
                     if len(seq.block_hashes) < full:
-                        block_hashes(seq.token_at(0, full * bs), bs, full, seq.block_hashes)
+                        block_hashes(seq.token_at(0, full * bs), bs, full, seq.block_hashes,
+                                     extra_of=seq.request.block_extra)
                     for i in range(seq.num_published, full):
                         bm.publish(seq.block_table[i], seq.block_hashes[i])
                 seq.num_published = full

@@ -89,6 +89,8 @@ class WorkBuilder:
         req = seq.request
         work = SeqWork(seq.seq_id, seq.token_at(c.start, c.start + c.num_new), c.start, seq.block_table,
                        seq.attention_rank)
+        if req.mm_items and c.start < len(req.prompt_token_ids):
+            work.embeds = req.embeds_for(c.start, c.start + c.num_new)
         if c.sample:
             work.sample = _sample_request(seq)
         plp = req.prompt_logprobs

@@ -75,9 +75,14 @@ class KimiK2ForCausalLM(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         kv_caches: list[torch.Tensor] | None = None,
+        embed_override: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Returns the final-normed hidden states ``[num_tokens, hidden]``."""
+        """Returns the final-normed hidden states ``[num_tokens, hidden]``. ``embed_override = (rows, embeds)``
+        replaces the token embeddings of the flat-batch ``rows [n]`` with ``embeds [n, hidden]`` (image tokens)."""
         x = self.model.embed_tokens(input_ids)
+        if embed_override is not None:
+            rows, embeds = embed_override
+            x = x.index_copy(0, rows, embeds.to(x.dtype))
         cos_sin = self.rope.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, self.rope, cos_sin, meta, None if kv_caches is None else kv_caches[i])

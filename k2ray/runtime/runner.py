@@ -40,6 +40,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, seqs: list[SeqWork]) -> list[SeqResult]:
         ids, positions, slots, slices = [], [], [], []
+        override_rows: list[torch.Tensor] = []
+        override_embeds: list[torch.Tensor] = []
         bs = self.block_size
         for s in seqs:
             n = len(s.token_ids)
@@ -50,6 +52,12 @@ class ModelRunner:
                 raise ValueError(f"sequence {s.seq_id}: {len(s.block_table)} blocks cannot hold {ctx} tokens")
             table = torch.tensor(s.block_table, dtype=torch.long)
             pos = torch.arange(s.start_pos, ctx)
+            for offset, rows in s.embeds:
+                if offset < 0 or offset + rows.shape[0] > n:
+                    raise ValueError(f"sequence {s.seq_id}: embeddings for [{offset}, {offset + rows.shape[0]}) "
+                                     f"outside its {n} new tokens")
+                override_rows.append(torch.arange(len(ids) + offset, len(ids) + offset + rows.shape[0]))
+                override_embeds.append(rows)
             slices.append(SeqSlice(q_start=len(ids), q_len=n, ctx_len=ctx, block_table=table))
             ids.extend(s.token_ids)
             positions.append(pos)
@@ -64,7 +72,10 @@ class ModelRunner:
             pos_t = torch.empty(0, dtype=torch.long, device=dev)
             slot_t = torch.empty(0, dtype=torch.long, device=dev)
         meta = AttentionMetadata(seqs=slices, slot_mapping=slot_t, block_size=bs)
-        hidden = self.model(input_ids, pos_t, meta, self.kv_caches)
+        override = None
+        if override_rows:
+            override = (torch.cat(override_rows).to(dev), torch.cat(override_embeds).to(dev))
+        hidden = self.model(input_ids, pos_t, meta, self.kv_caches, embed_override=override)
 
         results = [SeqResult(seq_id=s.seq_id) for s in seqs]
         rows = [sl.q_start + sl.q_len - 1 for s, sl in zip(seqs, slices) if s.sample is not None]

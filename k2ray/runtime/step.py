@@ -9,10 +9,13 @@ token for each sequence that asked for it. The local executor runs it in-process
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from k2ray.config import ModelArgs
 from k2ray.runtime.sampling import Sample, SampleRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 @dataclass
@@ -25,6 +28,9 @@ class SeqWork:
     sample: Optional[SampleRequest] = None  # set when a token is to be sampled after the last new token
     prompt_logprobs: Optional[int] = None  # also return logprobs of the prompt tokens of this chunk
     next_prompt_token: Optional[int] = None  # token after this chunk when the prompt continues (for prompt_logprobs)
+    # Image embeddings that replace the token embeddings of some of token_ids: (index into token_ids, rows
+    # [n, hidden]) — the rows of token_ids[index : index + n]. Empty for text.
+    embeds: list[tuple[int, "torch.Tensor"]] = field(default_factory=list)
 
 
 @dataclass

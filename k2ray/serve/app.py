@@ -1,8 +1,10 @@
 """``build_app(args)``: the k2ray Ray Serve application (``import_path: k2ray.serve.app:build_app``).
 
-Two deployments:
+Two deployments (three with an image encoder pool):
 
 * ``OpenAIIngress`` — FastAPI, CPU only, autoscaled on ongoing requests.
+* ``VisionEncoder`` — only with ``vision_workers`` > 0 (Kimi K2.5): the image encoder pool, shared by the model
+  groups (``k2ray/workers/vision.py``).
 * ``K2Router`` — one replica per model group. Its placement group (``placement_group_bundles``) is bundle 0 for the
   replica itself (``router_cpus`` / ``router_gpus``) followed by one bundle per attention worker and one per expert
   shard (GPUs/CPUs per bundle from ``parallel``); the replica starts the workers inside it. Autoscaling this
@@ -22,12 +24,14 @@ from ray import serve
 from k2ray.serve.config import ServeArgs
 from k2ray.serve.ingress import OpenAIIngress
 from k2ray.serve.router import K2Router
+from k2ray.workers.vision import VisionEncoder
 
 __all__ = ["build_app", "build_app_with_options", "router_bundles", "router_options", "IngressDeployment", "RouterDeployment"]
 
 # The FastAPI app is built in each replica (OpenAIIngress.__serve_build_asgi_app__), never pickled.
 IngressDeployment = serve.deployment(name="OpenAIIngress")(serve.ingress()(OpenAIIngress))
 RouterDeployment = serve.deployment(name="K2Router")(K2Router)
+VisionDeployment = serve.deployment(name="VisionEncoder")(VisionEncoder)
 
 
 def _worker_bundles(args: ServeArgs) -> list[dict[str, float]]:
@@ -82,7 +86,16 @@ def build_app_with_options(args: dict[str, Any] | ServeArgs | None = None,
     ``{"num_replicas": 2}``, as a deploy file's ``deployments:`` section would set them)."""
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     plain = a.model_dump(mode="json")
-    router = RouterDeployment.options(**router_options(a)).bind(plain)
+    vision = None
+    if a.vision_workers:
+        # One pool for the whole application: every model group's router gets the same handle.
+        vision = VisionDeployment.options(
+            num_replicas=a.vision_workers,
+            ray_actor_options={"num_cpus": a.vision_worker_cpus, "num_gpus": a.vision_worker_gpus},
+            max_ongoing_requests=4 * (a.engine.max_num_seqs + a.max_queued_requests),
+        ).bind(a.model, a.model_name, a.engine.dtype, "cuda" if a.vision_worker_gpus else "cpu",
+               a.vision_cache_images, max(1, int(a.vision_worker_cpus)))
+    router = RouterDeployment.options(**router_options(a)).bind(plain, vision)
     ingress = IngressDeployment.options(**{
         "ray_actor_options": {"num_cpus": 0.25},
         # Room for more than the groups hold, so the ingress's own admission (serve/admission.py) answers an

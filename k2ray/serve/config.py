@@ -40,6 +40,23 @@ class ServeArgs(BaseModel):
     # it was stored. Each record holds its whole conversation (input items + output), so size it for memory.
     responses_store_max: int = 4096
     responses_store_ttl_s: float = 3600.0
+    # Image input (Kimi K2.5): per request at most max_images image parts, each at most max_image_bytes encoded and
+    # max_image_pixels decoded. data: URLs are always accepted; http(s) URLs are fetched when allow_image_urls
+    # (timeout image_fetch_timeout_s, image content types only), never from loopback or private addresses unless
+    # allow_private_image_urls. Large data: URLs also need max_request_bytes.
+    max_images: int = 8
+    max_image_bytes: int = 10 << 20
+    max_image_pixels: int = 40_000_000
+    allow_image_urls: bool = True
+    allow_private_image_urls: bool = False
+    image_fetch_timeout_s: float = 10.0
+    # Where the image encoder runs: 0 = in each router replica's process; N > 0 = a VisionEncoder deployment of N
+    # replicas (vision_worker_cpus / vision_worker_gpus each, LRU cache of vision_cache_images embeddings each)
+    # shared by all model groups.
+    vision_workers: int = 0
+    vision_worker_cpus: float = 1.0
+    vision_worker_gpus: float = 0.0
+    vision_cache_images: int = 64
 
     _keys: Optional[list[str]] = PrivateAttr(None)
 
@@ -50,7 +67,8 @@ class ServeArgs(BaseModel):
             raise ValueError("a key must not be empty or blank")
         return [k.strip() for k in v]
 
-    @field_validator("max_queued_requests", "max_request_bytes", "responses_store_max")
+    @field_validator("max_queued_requests", "max_request_bytes", "responses_store_max", "max_images",
+                     "max_image_bytes", "max_image_pixels")
     @classmethod
     def _queue_positive(cls, v: int) -> int:
         if v < 1:
@@ -64,19 +82,29 @@ class ServeArgs(BaseModel):
             raise ValueError("must be at least 1")
         return v
 
-    @field_validator("responses_store_ttl_s")
+    @field_validator("responses_store_ttl_s", "image_fetch_timeout_s")
     @classmethod
     def _ttl_positive(cls, v: float) -> float:
         if not v > 0:
             raise ValueError("must be greater than 0")
         return v
 
-    @field_validator("router_cpus", "router_gpus")
+    @field_validator("router_cpus", "router_gpus", "vision_workers", "vision_worker_cpus", "vision_worker_gpus",
+                     "vision_cache_images")
     @classmethod
     def _router_resources(cls, v: float) -> float:
         if v < 0:
             raise ValueError("must not be negative")
         return v
+
+    def image_limits(self):
+        from k2ray.serve.openai.images import ImageLimits
+
+        return ImageLimits(
+            max_images=self.max_images, max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
+            allow_image_urls=self.allow_image_urls, allow_private_image_urls=self.allow_private_image_urls,
+            image_fetch_timeout_s=self.image_fetch_timeout_s,
+        )
 
     @property
     def model_name(self) -> str:

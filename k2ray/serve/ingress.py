@@ -58,7 +58,7 @@ class OpenAIIngress:
         self.args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
         self.model_name = self.args.model_name
         self.chat_options = chat.ChatOptions(self.args.enable_auto_tool_choice, self.args.enable_reasoning,
-                                             self.args.default_chat_template_kwargs)
+                                             self.args.default_chat_template_kwargs, self.args.image_limits())
         self.responder = Responder(self.model_name)
         self.watch = GroupWatch()  # the ready model groups, for admission
         self.view: Optional[ModelView] = None
@@ -206,9 +206,10 @@ class OpenAIIngress:
         t0 = time.monotonic()
         view = await self._model(req.model)
         plan = await _off_loop(chat.plan_chat, req, view.template, view.tokenizer, view.limits, self.chat_options,
-                               view.thinks)
+                               view.thinks, view.image_config)
         rid = P.random_id("chatcmpl")
-        opened = await open_all(self.groups, [GenerateRequest(rid, plan.prompt_token_ids, plan.sampling)])
+        opened = await open_all(self.groups, [GenerateRequest(rid, plan.prompt_token_ids, plan.sampling,
+                                                              list(plan.images))])
         acc = ChatAccumulator(plan, req.n, rid, self.model_name, int(time.time()), view.tokenizer)
         return await self.responder.answer(acc, opened, t0, req.stream, req.stream_options)
 

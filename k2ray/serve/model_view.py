@@ -24,6 +24,7 @@ class ModelView:
     limits: Limits
     info: dict
     files_dir: tempfile.TemporaryDirectory  # the tokenizer files, kept for the view's lifetime
+    image_config: Any = None  # ImageProcessorConfig when the model takes images (Kimi K2.5), else None
 
     @property
     def thinks(self) -> bool:
@@ -55,4 +56,9 @@ async def load_model_view(groups: ModelGroups, args: ServeArgs) -> ModelView:
         max_sequences=args.engine.max_num_seqs + args.max_queued_requests,
         max_token_bytes=max(1, max(len(tok.id_to_bytes(i)) for i in range(tok.n_base_tokens))),
     )
-    return ModelView(tok, template, limits, info, tmp)
+    image_config = None
+    if info.get("vision"):
+        from k2ray.tokenizer.image import ImageProcessorConfig
+
+        image_config = ImageProcessorConfig.from_dir(tmp.name)
+    return ModelView(tok, template, limits, info, tmp, image_config)

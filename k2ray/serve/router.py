@@ -46,7 +46,8 @@ from k2ray.serve.wire import GenerateChunk, GenerateError, GenerateRequest, Sequ
 
 log = logging.getLogger("k2ray.serve.router")
 
-TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                   "preprocessor_config.json")
 _RECOVERY_ATTEMPTS = 3
 _PREPARE_THREADS = 2  # requests validated / tokenized / grammar-compiled at once, off the event loop
 _HEARTBEAT_INTERVAL_S = 2.0  # how often an idle group's workers are pinged
@@ -67,7 +68,7 @@ def _replica_id() -> str:
 class K2Router:
     """The router of one model group (a Serve deployment class; see :func:`k2ray.serve.app.build_app`)."""
 
-    def __init__(self, args: dict | ServeArgs):
+    def __init__(self, args: dict | ServeArgs, vision=None):
         from k2ray.checkpoint.builtin import resolve_model
 
         logs.configure()
@@ -75,6 +76,7 @@ class K2Router:
         self.model_name = self.args.model_name
         self.model_dir = Path(resolve_model(self.args.model))
         self.group_id = _replica_id()
+        self.vision = vision  # handle of the VisionEncoder deployment (vision_workers > 0), else None
         self.tokenizer = None
         self.eos_token_ids = None
         self._state = "starting"
@@ -136,6 +138,13 @@ class K2Router:
         from k2ray.engine.engine import LLMEngine
 
         engine = LLMEngine(self.executor, self.args.engine, self.tokenizer, self.eos_token_ids)
+        p = self.args.parallel
+        remote = _VisionPoolClient(self.vision) if self.vision is not None else None
+        engine.attach_vision(self.model_dir, "cuda" if p.device == "cuda" and self.args.router_gpus > 0 else "cpu",
+                             encoder=remote)
+        if remote is None and engine.input_processor.vision is not None:
+            encoded = metrics.VISION_IMAGES_ENCODED_TOTAL.labels(model=self.model_name)
+            engine.input_processor.vision.on_encoded = encoded.inc
         queue = metrics.QUEUE_TIME.labels(model=self.model_name)
         mask = metrics.GRAMMAR_MASK_SECONDS.labels(model=self.model_name)
         engine.on_first_schedule = lambda req, seconds: queue.observe(seconds)
@@ -198,7 +207,8 @@ class K2Router:
     async def _prepare(self, engine, req: GenerateRequest):
         """Validate, tokenize and compile the grammar of ``req`` on the prepare pool (the event loop keeps serving
         the other streams meanwhile). If the caller goes away first, the prepared request is given back."""
-        fut = self._prepare_pool.submit(engine.prepare_request, req.prompt_token_ids, req.sampling, req.request_id)
+        fut = self._prepare_pool.submit(engine.prepare_request, req.prompt_token_ids, req.sampling, req.request_id,
+                                        None, req.images or None)
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
@@ -287,6 +297,7 @@ class K2Router:
             "max_model_len": eng.max_model_len,
             "vocab_size": eng.args.vocab_size,
             "eos_token_ids": sorted(eng.eos_token_ids),
+            "vision": eng.args.vision is not None,  # accepts image parts (Kimi K2.5)
         }
 
     def tokenizer_files(self) -> dict[str, bytes]:
@@ -371,6 +382,20 @@ class K2Router:
                 self.engine.shutdown()
         except Exception:
             pass
+
+
+class _VisionPoolClient:
+    """The engine's image encoder when it is the shared VisionEncoder deployment: called on the prepare threads
+    (never on the event loop); the embeddings come back through the object store."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def encode(self, images: list) -> list:
+        return self.handle.encode.remote(images).result(timeout_s=_VISION_TIMEOUT_S)
+
+
+_VISION_TIMEOUT_S = 300.0
 
 
 def _release_prepared(engine, fut: concurrent.futures.Future) -> None:

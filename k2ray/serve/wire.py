@@ -20,8 +20,9 @@ TokenLogprobs = list[tuple[int, float]]
 @dataclass(frozen=True)
 class GenerateRequest:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # one <|media_pad|> per image: the router expands it to the image's tokens
     sampling: SamplingParams
+    images: list = field(default_factory=list)  # ProcessedImage per placeholder, in order (Kimi K2.5)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ Rendering follows transformers' ``apply_chat_template``: a sandboxed Jinja envir
 
 Before rendering, messages are validated and normalised (``normalize_messages``):
 
-* content given as ``""``, a string or a list of text parts becomes one string;
+* content given as ``""``, a string or a list of text parts becomes one string; a list with image parts
+  (``image_url``) stays a list of parts, handed to the template as transformers does (``{"type": "text", "text"}``
+  and ``{"type": "image_url", "image_url": {"url"}}``), and the images are listed in the prompt
+  (:attr:`ChatPrompt.images`) in the order the template renders them;
 * tool-call arguments given as an object become ``json.dumps(obj, ensure_ascii=False)``; a
   string must be valid JSON and is kept verbatim (so what the model wrote round-trips exactly);
 * tool-call ids that are not ``functions.NAME:IDX`` (e.g. ``call_abc`` from another provider)
@@ -72,6 +75,42 @@ class ChatPrompt:
     thinking: bool = True
     tool_call_offset: int = 0  # tool calls already in the history: the next IDX the model should use
     messages: list[dict] = field(default_factory=list)  # the normalised messages that were rendered
+    images: list["ImagePart"] = field(default_factory=list)  # the image parts, in message and part order
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image content part: its URL and where it was (``messages[i].content[j]``)."""
+
+    url: str
+    where: str
+    detail: str | None = None
+
+
+IMAGE_PART_TYPES = ("image_url", "image")
+
+
+def _image_part(part: Mapping, where: str) -> ImagePart:
+    ref = part.get(part.get("type"))
+    detail = None
+    if isinstance(ref, Mapping):
+        detail = ref.get("detail")
+        ref = ref.get("url")
+    if not isinstance(ref, str) or not ref:
+        raise ChatTemplateError(f"{where}.image_url.url: expected a URL string")
+    return ImagePart(ref, where, detail if isinstance(detail, str) else None)
+
+
+def collect_images(messages: list[dict]) -> list[ImagePart]:
+    """The image parts of normalised messages, in order."""
+    out = []
+    for i, m in enumerate(messages):
+        c = m.get("content")
+        if isinstance(c, list):
+            for j, part in enumerate(c):
+                if isinstance(part, Mapping) and part.get("type") in IMAGE_PART_TYPES:
+                    out.append(_image_part(part, f"messages[{i}].content[{j}]"))
+    return out
 
 
 def thinking_enabled(value: Any = None, default: bool = True) -> bool:
@@ -99,7 +138,34 @@ def _plain(obj: Any) -> Any:
     return copy.copy(obj)
 
 
-def _content_text(content: Any, where: str, *, required: bool) -> str:
+def _content_parts(content: list, where: str) -> list[dict]:
+    """A content list with images: text and image parts as transformers hands them to the template."""
+    parts: list[dict] = []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+            continue
+        if not isinstance(part, Mapping):
+            raise ChatTemplateError(f"{where}[{j}]: expected a content part object, got {type(part).__name__}")
+        ptype = part.get("type", "text")
+        if ptype in IMAGE_PART_TYPES:
+            img = _image_part(part, f"{where}[{j}]")
+            ref: dict[str, Any] = {"url": img.url}
+            if img.detail is not None:
+                ref["detail"] = img.detail
+            parts.append({"type": "image_url", "image_url": ref})
+        elif ptype == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ChatTemplateError(f"{where}[{j}].text: expected a string")
+            parts.append({"type": "text", "text": text})
+        else:
+            raise ChatTemplateError(f"{where}[{j}]: unsupported content part type {ptype!r} (only 'text' and "
+                                    "'image_url')")
+    return parts
+
+
+def _content_text(content: Any, where: str, *, required: bool) -> str | list[dict]:
     if content is None:
         if required:
             raise ChatTemplateError(f"{where}: content is required")
@@ -107,6 +173,8 @@ def _content_text(content: Any, where: str, *, required: bool) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
+        if any(isinstance(p, Mapping) and p.get("type") in IMAGE_PART_TYPES for p in content):
+            return _content_parts(content, where)
         parts = []
         for j, part in enumerate(content):
             if isinstance(part, str):
@@ -368,6 +436,10 @@ class ChatTemplate:
                 messages=msgs, tools=tools, add_generation_prompt=add_generation_prompt, **ctx
             )
         except jinja2.TemplateError as exc:
+            images = collect_images(msgs)
+            if images:  # a text-only template refusing image parts: name the part
+                raise ChatTemplateError(f"{images[0].where}: unsupported content part type 'image_url' (this "
+                                        f"model's chat template does not take images: {exc})") from exc
             raise ChatTemplateError(f"chat template error: {exc}") from exc
 
     def render(
@@ -404,6 +476,7 @@ class ChatTemplate:
             thinking=thinking_enabled(kwargs.get("thinking")),
             tool_call_offset=count_tool_calls(msgs),
             messages=msgs,
+            images=collect_images(msgs),
         )
 
     def encode(

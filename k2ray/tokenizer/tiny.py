@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 
-__all__ = ["TOKENIZER_FILES", "DATA_DIR", "write_tokenizer_files"]
+__all__ = ["TOKENIZER_FILES", "DATA_DIR", "write_tokenizer_files", "write_k25_files"]
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja")
@@ -69,3 +69,13 @@ def _widen(model_dir: str, base_vocab: int) -> None:
     with open(cfg_path, "w", encoding="utf-8") as fh:
         json.dump(cfg, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
+
+
+K25_CHAT_TEMPLATE = "chat_template_k25.jinja"
+
+
+def write_k25_files(model_dir: str | os.PathLike) -> str:
+    """Replace the chat template with the Kimi K2.5-style one (image parts render as media markers)."""
+    dst = os.path.join(os.fspath(model_dir), "chat_template.jinja")
+    shutil.copyfile(os.path.join(DATA_DIR, K25_CHAT_TEMPLATE), dst)
+    return dst

@@ -72,7 +72,7 @@ class ChatAccumulator(_Accumulator):
     def __init__(self, plan: ChatPlan, n: int, request_id: str, model: str, created: int, tokenizer):
         super().__init__(request_id, model, created, tokenizer)
         self.plan = plan
-        self.num_prompt_tokens = len(plan.prompt_token_ids)
+        self.num_prompt_tokens = plan.num_prompt_tokens
         self.choices = [
             _ChatChoice(i, parser=StreamingOutputParser(thinking=plan.thinking, tools=plan.parse_tools,
                                                         tool_call_offset=plan.tool_call_offset,

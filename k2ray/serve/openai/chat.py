@@ -17,6 +17,7 @@ from k2ray.runtime.guided import GuidedDecoding
 from k2ray.runtime.sampling import SamplingParams
 from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.errors import bad_request
+from k2ray.serve.openai.images import ImageLimits, load_images
 from k2ray.serve.openai.limits import Limits
 
 BIG_TEXT = 32 * 1024  # message text beyond this is checked against the context length before rendering
@@ -29,6 +30,7 @@ class ChatOptions:
     enable_auto_tool_choice: bool = True
     enable_reasoning: bool = True
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,26 @@ class ChatPlan:
     tool_call_offset: int  # index of the first call id (calls already in the conversation)
     top_logprobs: Optional[int]  # None: no logprobs
     hidden_tokens: tuple[str, ...]  # special tokens kept out of the returned text
+    images: tuple = ()  # ProcessedImage per <|media_pad|> of prompt_token_ids (expanded by the router)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens the model runs: each image's placeholder counts as its image's tokens."""
+        return len(self.prompt_token_ids) + sum(im.num_tokens - 1 for im in self.images)
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's content (image parts left out: a data: URL is not prompt text)."""
+    if isinstance(content, list):
+        return "".join(_text_of(p) for p in content
+                       if not (isinstance(p, dict) and p.get("type") in ("image_url", "image")))
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return "" if content is None else str(content)
 
 
 def is_big(messages: list) -> bool:
-    return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) > BIG_TEXT
+    return sum(len(_text_of(m.get("content"))) for m in messages if isinstance(m, dict)) > BIG_TEXT
 
 
 def _thinking_switch(kwargs: dict) -> dict:
@@ -69,7 +87,7 @@ def render_chat(template, messages: list, tools: Optional[list[dict]], add_gener
     for reserved in ("messages", "tools", "add_generation_prompt"):
         kwargs.pop(reserved, None)
     if is_big(messages):
-        limits.check_prompt_text("".join(str(m.get("content", "")) for m in messages if isinstance(m, dict)),
+        limits.check_prompt_text("".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict)),
                                  "messages")
     try:
         return template.apply(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
@@ -107,8 +125,9 @@ def _response_schema(rf: P.ResponseFormat) -> dict:
 
 
 def plan_chat(req: P.ChatCompletionRequest, template, tokenizer, limits: Limits, options: ChatOptions,
-              thinking_template: bool) -> ChatPlan:
-    """``thinking_template``: the model's template knows ``<think>`` (K2-Thinking; not K2-Instruct)."""
+              thinking_template: bool, image_config=None) -> ChatPlan:
+    """``thinking_template``: the model's template knows ``<think>`` (K2-Thinking; not K2-Instruct).
+    ``image_config``: the model's ``ImageProcessorConfig`` when it takes images (image parts are refused without)."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     choice, named = _tool_choice(req, tools, options)
     limits.check_fits(req.n, "n")
@@ -133,7 +152,9 @@ def plan_chat(req: P.ChatCompletionRequest, template, tokenizer, limits: Limits,
         # A thinking model reasons first (reasoning_content); the constraint applies to what follows </think>.
         guided = GuidedDecoding(json_schema=_response_schema(rf), thinking=thinking)
     ids = list(prompt.token_ids)
-    max_tokens = limits.max_tokens(req.requested_max_tokens, len(ids), "messages")
+    images = tuple(load_images(getattr(prompt, "images", []), image_config, options.image_limits))
+    n_prompt = len(ids) + sum(im.num_tokens - 1 for im in images)
+    max_tokens = limits.max_tokens(req.requested_max_tokens, n_prompt, "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
     sampling = SamplingParams.from_openai(req, max_tokens=max_tokens, logprobs=k, skip_special_tokens=False,
                                           guided_decoding=guided)
@@ -142,4 +163,5 @@ def plan_chat(req: P.ChatCompletionRequest, template, tokenizer, limits: Limits,
         prompt_token_ids=ids, sampling=sampling, thinking=thinking, parse_tools=choice != "none",
         tool_call_offset=offset, top_logprobs=k,
         hidden_tokens=tuple(tokenizer.special_tokens) if req.skip_special_tokens else (),
+        images=images,
     )

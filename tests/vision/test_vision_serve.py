@@ -1,0 +1,91 @@
+"""Image input over the OpenAI API: the official ``openai`` client sends a data-URL image to the k2ray Serve app on
+the tiny K2.5 model (one model group: 1 attention worker + 1 expert shard, Ray executor; the image encoder as its own
+VisionEncoder deployment, ``vision_workers: 1``); the greedy answer equals ``LLM.chat`` (local executor, encoder
+in-process) token for token, and usage counts the image's tokens."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from k2ray.llm import LLM
+from k2ray.runtime.sampling import SamplingParams
+
+from ..serve.serve_helpers import assert_openai_error, serve_app
+from .images import data_url, encode, make_image
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+MODEL = "tiny-k25"
+MAX_TOKENS = 8
+IMAGE = data_url(encode(make_image(120, 90, seed=7)))
+MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "What is shown?"},
+                                         {"type": "image_url", "image_url": {"url": IMAGE}}]}]
+
+
+@pytest.fixture(scope="module")
+def base(k25_dir, tmp_path_factory):
+    args = {
+        "model": str(k25_dir), "served_model_name": MODEL,
+        "engine": {"num_kv_blocks": 256, "block_size": 16, "max_num_seqs": 4},
+        "parallel": {"executor": "ray", "attention_workers": 1, "expert_shards": 1, "cpus_per_worker": 0.5},
+        "router_cpus": 0.5,
+        "vision_workers": 1, "vision_worker_cpus": 0.5,
+    }
+    with serve_app(args, tmp_path_factory.mktemp("k2ray-cache"), num_cpus=4) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def offline(k25_dir):
+    with LLM(k25_dir, num_kv_blocks=256, block_size=16) as llm:
+        out = llm.chat(MESSAGES, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0))
+    return out[0]
+
+
+def test_openai_client_image_equals_llm_chat(base, offline):
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS,
+                                          logprobs=True, extra_body={"ignore_eos": True})
+    want = offline.output
+    assert resp.usage.prompt_tokens == len(want.prompt_token_ids)  # the image's tokens counted
+    assert resp.usage.completion_tokens == MAX_TOKENS
+    msg = resp.choices[0].message
+    assert (msg.content or "", getattr(msg, "reasoning_content", None) or "") == (
+        offline.messages[0].get("content") or "", offline.messages[0].get("reasoning_content") or "")
+    got_lp = [c.logprob for c in resp.choices[0].logprobs.content]
+    want_lp = [lp[t] for lp, t in zip(want.outputs[0].logprobs, want.outputs[0].token_ids)]
+    assert len(got_lp) == len(want_lp) and max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
+
+
+def test_streaming_image_request(base, offline):
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.prompt_tokens == len(offline.output.prompt_token_ids)
+
+
+def test_bad_image_is_400_naming_the_part(base):
+    bad = [{"role": "user", "content": [{"type": "text", "text": "x"},
+                                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    r = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": bad, "max_tokens": 2},
+                   timeout=120)
+    assert_openai_error(r, 400, param="messages[0].content[1]")
+    local = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]
+    r = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": local, "max_tokens": 2},
+                   timeout=120)
+    assert_openai_error(r, 400, param="messages[0].content[0]")
+    assert "non-public" in r.json()["error"]["message"]
+
+
+def test_images_were_encoded_by_the_vision_pool(base):
+    from ray import serve
+
+    app = serve.status().applications["k2ray"]
+    assert app.deployments["VisionEncoder"].status == "HEALTHY"
+    handle = serve.get_deployment_handle("VisionEncoder", app_name="k2ray")
+    stats = handle.stats.remote().result(timeout_s=60)
+    assert stats["images_encoded"] >= 1 and stats["cache_hits"] >= 1  # the same image twice: once encoded
