@@ -29,6 +29,10 @@ from pathlib import Path
 import psutil
 import torch
 
+# Running as a script puts bench/ first on sys.path, where bench/kernels.py would shadow the ``kernels`` package that
+# transformers imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 
 class PeakRSS:
     """Highest RSS seen while the block runs, sampled by a thread (the GIL is free while torch computes)."""
@@ -120,7 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 8192, 32768, 65536, 131072])
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens: prompt tokens per step")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared 2-core machine a second OpenMP thread waits "
+                         "for a descheduled peer, measured 6-10x slower)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-max-gb", type=float, default=4.0,
                     help="skip transformers where heads × N² fp32 scores pass this (default 4)")
