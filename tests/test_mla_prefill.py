@@ -134,11 +134,11 @@ def test_cost_rule(args):
 
 
 def test_tile_size_keeps_scores_bounded():
-    assert tile_size(4, 1) == 4096
-    assert tile_size(4, 2048) == 1024
+    assert tile_size(4, 1) == 1024
+    assert tile_size(4, 2048) == 512
     assert tile_size(64, 8192) == 256
     for h, q in [(4, 1), (4, 100), (4, 2048), (64, 512)]:
-        assert 256 <= tile_size(h, q) <= 4096 and tile_size(h, q) % 256 == 0
+        assert 256 <= tile_size(h, q) <= 1024 and tile_size(h, q) % 256 == 0
 
 
 @pytest.mark.slow
