@@ -1,8 +1,10 @@
 """Multi-head Latent Attention over a paged latent cache.
 
 Per token and layer the cache holds the RMS-normed latent ``c_kv`` (kv_lora_rank values) followed by the roped
-shared key (qk_rope_head_dim values). Prefill expands the latent with ``kv_b_proj`` (naive form); decode absorbs
-``kv_b_proj`` into the query and the output so attention runs on the latent directly.
+shared key (qk_rope_head_dim values). Decode absorbs ``kv_b_proj`` into the query and the output so attention runs on
+the latent directly. A prompt chunk attends over its context in tiles (:mod:`k2ray.model.mla_prefill`), expanded or
+absorbed by a cost rule, at memory linear in the context; :meth:`MLAttention._prefill` is the naive reference
+(the whole context expanded, the full score matrix), kept for tests.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ from torch import nn
 from k2ray.config import ModelArgs
 from k2ray.model.attention_metadata import AttentionMetadata
 from k2ray.model.layers import RMSNorm
+from k2ray.model.mla_prefill import mla_prefill, use_absorbed
 from k2ray.model.rope import RotaryEmbedding
+
+
+def context_slots(kv_cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
+    """Flat cache slots of one sequence's first ``ctx_len`` tokens: int64 ``[ctx_len]``."""
+    block_size = kv_cache.shape[1]
+    pos = torch.arange(ctx_len, device=kv_cache.device)
+    return block_table.to(kv_cache.device)[pos // block_size] * block_size + pos % block_size
 
 
 def gather_latents(kv_cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
     """The first ``ctx_len`` cached latents of one sequence: ``[ctx_len, kv_cache_dim]``."""
-    block_size = kv_cache.shape[1]
-    pos = torch.arange(ctx_len, device=kv_cache.device)
-    slots = block_table.to(kv_cache.device)[pos // block_size] * block_size + pos % block_size
-    return kv_cache.view(-1, kv_cache.shape[-1])[slots]
+    return kv_cache.view(-1, kv_cache.shape[-1])[context_slots(kv_cache, block_table, ctx_len)]
 
 
 class MLAProjection(NamedTuple):
@@ -92,7 +99,7 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         """Store the new latents in the cache, attend over each sequence's context, project out: ``[n, hidden]``."""
         q_nope, q_pe = p.q_nope, p.q_pe
-        n, dtype, device = q_nope.shape[0], q_nope.dtype, q_nope.device
+        n, device = q_nope.shape[0], q_nope.device
         latent = p.latent()
         if kv_cache is not None:
             kv_cache.view(-1, kv_cache.shape[-1])[meta.slot_mapping] = latent.to(kv_cache.dtype)
@@ -112,11 +119,21 @@ class MLAttention(nn.Module):
                 if kv_cache is None:
                     if s.ctx_len != s.q_len:
                         raise ValueError("attention without a cache needs ctx_len == q_len")
-                    lat = latent[sl]
-                else:
-                    lat = gather_latents(kv_cache, s.block_table, s.ctx_len).to(dtype)
-                out[sl] = self._prefill(q_nope[sl], q_pe[sl], lat, s.ctx_len - s.q_len)
+                    lat, slots = latent[sl], None
+                else:  # read tile by tile straight from the paged cache
+                    lat = kv_cache.view(-1, kv_cache.shape[-1])
+                    slots = context_slots(kv_cache, s.block_table, s.ctx_len)
+                out[sl] = self._prefill_tiled(q_nope[sl], q_pe[sl], lat, slots, s.ctx_len)
         return self.o_proj(out.reshape(n, self.num_heads * self.v_dim))
+
+    def _prefill_tiled(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor, slots: torch.Tensor | None, ctx_len: int
+    ) -> torch.Tensor:
+        """One sequence's chunk over its context, tiled; absorbed or expanded by :func:`use_absorbed`."""
+        absorbed = use_absorbed(
+            q_nope.shape[0], ctx_len, self.num_heads, self.kv_lora_rank, self.rope_dim, self.nope, self.v_dim
+        )
+        return mla_prefill(q_nope, q_pe, latents, slots, ctx_len, self.kv_b_proj.weight, self.scale, absorbed)
 
     def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, offset: int) -> torch.Tensor:
         """Naive MLA: expand the latent to per-head keys/values. ``offset`` = cached tokens before the first query."""
