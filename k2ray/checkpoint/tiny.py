@@ -166,6 +166,9 @@ def write_checkpoint(out_dir: str | Path, config: dict, state: dict[str, torch.T
 
 def _write_metadata(out: Path, config: dict, weight_map: dict[str, str], total: int) -> None:
     """The index, config.json and generation_config.json beside the shards."""
+    from k2ray.config import ModelArgs
+
+    args = ModelArgs.from_dict(config)  # the token ids live in text_config for the K2.5 layout
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
