@@ -54,10 +54,10 @@ def test_a_slow_preparation_leaves_the_event_loop_free(router, monkeypatch):
     engine = router.engine
     real = engine.prepare_request
 
-    def slow_prepare(prompt, params=None, request_id=None, arrival_time=None):
+    def slow_prepare(prompt, params=None, request_id=None, arrival_time=None, images=None):
         if request_id == "slow":
             time.sleep(1.0)  # what a big JSON schema costs xgrammar
-        return real(prompt, params, request_id, arrival_time)
+        return real(prompt, params, request_id, arrival_time, images)
 
     monkeypatch.setattr(engine, "prepare_request", slow_prepare)
 
@@ -97,8 +97,8 @@ def test_a_failure_inside_one_request_is_a_500_for_it_alone(router, monkeypatch)
     engine = router.engine
     real = engine.prepare_request
 
-    def arm(prompt, params=None, request_id=None, arrival_time=None):
-        req = real(prompt, params, request_id, arrival_time)
+    def arm(prompt, params=None, request_id=None, arrival_time=None, images=None):
+        req = real(prompt, params, request_id, arrival_time, images)
         if request_id == "b-fail":
             runner.FAIL_SAMPLING_FOR_SEQ_IDS.update(s.seq_id for s in req.seqs)
         return req

@@ -229,7 +229,7 @@ def test_startup_health_answers_and_log_lines(quickstart):
 
     text = wait_until(logged, 60, 0.5, "the access and URL lines in serve run's output")
     for line in (r"attention worker 0 \(pid \d+\): weights loaded in \d+\.\ds",
-                 r"expert shard 0 \(pid \d+\): \d+ experts x \d+ MoE layers loaded in \d+\.\ds",
+                 r"expert shard 0 \(pid \d+\): \d+ expert slots x \d+ MoE layers loaded in \d+\.\ds",
                  r"model group \S+ ready in \d+\.\ds: 1 attention worker\(s\) \[pid \d+@",
                  rf"serving {args.model_name}: OpenAI API at http://localhost:{port}/v1"):
         assert re.search(line, text), line
