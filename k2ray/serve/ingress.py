@@ -231,9 +231,10 @@ class OpenAIIngress:
         t0 = time.monotonic()
         view = await self._model(req.model)
         plan = await _off_loop(translate.plan_messages, req, view.template, view.tokenizer, view.limits,
-                               self.chat_options, view.thinks)
+                               self.chat_options, view.thinks, view.image_config)
         mid = A.random_id("msg")
-        opened = await open_all(self.groups, [GenerateRequest(mid, plan.prompt_token_ids, plan.sampling)])
+        opened = await open_all(self.groups, [GenerateRequest(mid, plan.prompt_token_ids, plan.sampling,
+                                                              list(plan.images))])
         acc = MessagesAccumulator(plan, mid, self.model_name, view.tokenizer, req.stop_sequences)
         return await self.responder.answer(acc, opened, t0, req.stream, None)
 
@@ -241,8 +242,8 @@ class OpenAIIngress:
     async def count_tokens(self, req: A.CountTokensRequest = Depends(json_body(A.CountTokensRequest))) -> Response:
         view = await self._model(req.model)
         plan = await _off_loop(translate.plan_messages, req, view.template, view.tokenizer, view.limits,
-                               self.chat_options, view.thinks)
-        return JSONResponse(A.TokenCount(input_tokens=len(plan.prompt_token_ids)).model_dump())
+                               self.chat_options, view.thinks, view.image_config)
+        return JSONResponse(A.TokenCount(input_tokens=plan.num_prompt_tokens).model_dump())
 
     # -- the Responses API ----------------------------------------------------------------------------------------
     @answers_errors
@@ -257,9 +258,10 @@ class OpenAIIngress:
                 raise APIError(404, f"Previous response with id '{req.previous_response_id}' not found.",
                                "invalid_request_error", "previous_response_id", "previous_response_not_found")
         turn = await _off_loop(RA.plan_response, req, previous, view.template, view.tokenizer, view.limits,
-                               self.chat_options, view.thinks)
+                               self.chat_options, view.thinks, view.image_config)
         rid = RA.new_id("resp")
-        opened = await open_all(self.groups, [GenerateRequest(rid, turn.plan.prompt_token_ids, turn.plan.sampling)])
+        opened = await open_all(self.groups, [GenerateRequest(rid, turn.plan.prompt_token_ids, turn.plan.sampling,
+                                                              list(turn.plan.images))])
         chat_acc = ChatAccumulator(turn.plan, 1, rid, self.model_name, turn.created_at, view.tokenizer)
         acc = ResponsesAccumulator(chat_acc, turn, rid, self.model_name)
 

@@ -83,9 +83,10 @@ def test_items_become_chat_messages():
 
 
 @pytest.mark.parametrize("items, param", [
-    ([{"role": "user", "content": [{"type": "input_text", "text": "look"},
-                                   {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}],
-     "input[0].content[1]"),
+    ([{"role": "assistant", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}],
+     "input[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}], "input[0].content[0].file_id"),
+    ([{"role": "user", "content": [{"type": "input_image"}]}], "input[0].content[0].image_url"),
     ([{"type": "item_reference", "id": "msg_1"}], "input[0].type"),
     ([{"type": "message", "role": "tool", "content": "x"}], "input[0].role"),
     ([{"type": "function_call", "name": "f", "arguments": "{}"}], "input[0].call_id"),
@@ -96,7 +97,7 @@ def test_bad_items_name_the_field(items, param):
     err = _bad(items_to_messages, items)
     assert err.param == param, err.body()
     if "image" in json.dumps(items):
-        assert "input_image" in err.message and "not supported" in err.message
+        assert "input_image" in err.message or "image_url" in err.message or "file ids" in err.message
 
 
 # -- the request's fields -> the chat plan -----------------------------------------------------------------------------

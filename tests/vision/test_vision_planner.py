@@ -65,7 +65,7 @@ def test_bad_images_are_400_naming_the_part(env):
     e = _error(lambda: _plan(env, [_img(data_url(PNG))], cfg=None))
     assert e.param == "messages[1].content[0]" and "does not accept images" in e.message
     e = _error(lambda: _plan(env, [{"type": "image_url", "image_url": {}}]))
-    assert e.param == "messages" and "messages[1].content[0].image_url.url" in e.message
+    assert e.param == "messages[1].content[0].image_url.url" and e.message.startswith(e.param + ": ")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -117,3 +117,59 @@ def test_http_urls(env, server):
     assert "over the limit of 50" in _error(lambda: _plan(env, [_img(server + "/a.png")], small)).message
     off = ChatOptions(image_limits=ImageLimits(allow_image_urls=False, allow_private_image_urls=True))
     assert "data: URLs only" in _error(lambda: _plan(env, [_img(server + "/a.png")], off)).message
+
+
+# -- the Anthropic and Responses translations: the same prompt and images, errors naming their own fields ---------------
+def test_anthropic_image_blocks_plan_like_chat_image_parts(env):
+    import base64
+
+    from k2ray.serve.anthropic import protocol as A
+    from k2ray.serve.anthropic.translate import plan_messages
+
+    tok, tpl, icfg = env
+    b64 = base64.b64encode(PNG).decode()
+    blocks = [{"type": "text", "text": "look"},
+              {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}},
+              {"type": "text", "text": " and compare"},
+              {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}]
+    req = A.MessagesRequest.model_validate({"model": "m", "max_tokens": 8, "system": "Be brief.",
+                                            "messages": [{"role": "user", "content": blocks}]})
+    ours = plan_messages(req, tpl, tok, LIMITS, ChatOptions(), True, icfg)
+    chat_req = P.ChatCompletionRequest.model_validate({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "look"}, _img(data_url(PNG)),
+                                     {"type": "text", "text": " and compare"}, _img(data_url(PNG))]}]})
+    theirs = plan_chat(chat_req, tpl, tok, LIMITS, ChatOptions(), True, icfg)
+    assert ours.prompt_token_ids == theirs.prompt_token_ids and len(ours.images) == 2
+    assert ours.num_prompt_tokens == theirs.num_prompt_tokens == len(ours.prompt_token_ids) + 2 * (12 - 1)
+    assert all((a.pixel_values == b.pixel_values).all() for a, b in zip(ours.images, theirs.images))
+    # a broken image: the error names the Anthropic block (the system message shifted the chat indices)
+    bad = A.MessagesRequest.model_validate({"model": "m", "max_tokens": 8, "system": "Be brief.", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]})
+    with pytest.raises(Exception) as info:
+        plan_messages(bad, tpl, tok, LIMITS, ChatOptions(), True, icfg)
+    from k2ray.serve.openai.errors import from_exception
+    err = from_exception(info.value)
+    assert err.status == 400 and err.param == "messages[0].content[1]", err.body()
+    assert err.message.startswith("messages[0].content[1]: ")
+
+
+def test_responses_input_image_plans_like_chat_image_parts(env):
+    from k2ray.serve.openai.responses_api import ResponsesRequest, plan_response
+
+    tok, tpl, icfg = env
+    req = ResponsesRequest.model_validate({"model": "m", "instructions": "Be brief.", "max_output_tokens": 8, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "look"},
+                                     {"type": "input_image", "image_url": data_url(PNG), "detail": "high"}]}]})
+    ours = plan_response(req, None, tpl, tok, LIMITS, ChatOptions(), True, icfg).plan
+    chat_req = P.ChatCompletionRequest.model_validate({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "look"}, _img(data_url(PNG))]}]})
+    theirs = plan_chat(chat_req, tpl, tok, LIMITS, ChatOptions(), True, icfg)
+    assert ours.prompt_token_ids == theirs.prompt_token_ids and ours.num_prompt_tokens == theirs.num_prompt_tokens
+    bad = ResponsesRequest.model_validate({"model": "m", "instructions": "Be brief.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "x"},
+                                     {"type": "input_image", "image_url": "ftp://example.com/x.png"}]}]})
+    e = _error(lambda: plan_response(bad, None, tpl, tok, LIMITS, ChatOptions(), True, icfg))
+    assert e.param == "input[0].content[1]" and e.message.startswith("input[0].content[1]: ") and "scheme" in e.message

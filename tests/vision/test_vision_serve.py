@@ -89,3 +89,55 @@ def test_images_were_encoded_by_the_vision_pool(base):
     handle = serve.get_deployment_handle("VisionEncoder", app_name="k2ray")
     stats = handle.stats.remote().result(timeout_s=60)
     assert stats["images_encoded"] >= 1 and stats["cache_hits"] >= 1  # the same image twice: once encoded
+
+
+# -- the same image through the Anthropic Messages and OpenAI Responses APIs --------------------------------------------
+def _chat_answer(base) -> tuple[str, str]:
+    """The chat completion of MESSAGES (equal to LLM.chat, test above) without ignore_eos, as the other APIs run."""
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    msg = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,
+                                         max_tokens=MAX_TOKENS).choices[0].message
+    return msg.content or "", getattr(msg, "reasoning_content", None) or ""
+
+
+def test_anthropic_image_block_equals_the_chat_answer(base, offline):
+    import anthropic
+
+    b64 = IMAGE.split(",", 1)[1]
+    blocks = [{"type": "text", "text": "What is shown?"},
+              {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}]
+    client = anthropic.Anthropic(base_url=base, api_key="unused", max_retries=0, timeout=300)
+    n_prompt = len(offline.output.prompt_token_ids)
+    count = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": blocks}])
+    assert count.input_tokens == n_prompt  # the image's tokens counted
+    msg = client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, temperature=0,
+                                 messages=[{"role": "user", "content": blocks}])
+    assert msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0) == n_prompt
+    text = "".join(b.text for b in msg.content if b.type == "text")
+    thinking = "".join(b.thinking for b in msg.content if b.type == "thinking")
+    assert (text, thinking) == _chat_answer(base)
+    # an image inside a tool result is refused, naming the block, in Anthropic's error shape
+    bad = [{"role": "user", "content": "x"},
+           {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "shot", "input": {}}]},
+           {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": blocks}]}]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model=MODEL, max_tokens=2, messages=bad)
+    assert "messages[2].content[0].content[1]" in str(e.value)
+    r = httpx.post(base + "/v1/messages", timeout=120, json={
+        "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "file", "file_id": "f_1"}}]}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "messages[0].content[0].source.type" in r.json()["error"]["message"]
+
+
+def test_responses_input_image_equals_the_chat_answer(base, offline):
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    resp = client.responses.create(model=MODEL, max_output_tokens=MAX_TOKENS, temperature=0, store=False, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "What is shown?"},
+                                     {"type": "input_image", "image_url": IMAGE, "detail": "auto"}]}])
+    assert resp.usage.input_tokens == len(offline.output.prompt_token_ids)
+    reasoning = "".join(c.text for item in resp.output if item.type == "reasoning" for c in (item.content or []))
+    assert (resp.output_text, reasoning) == _chat_answer(base)
+    r = httpx.post(base + "/v1/responses", timeout=120, json={
+        "model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]})
+    assert_openai_error(r, 400, param="input[0].content[0].file_id")

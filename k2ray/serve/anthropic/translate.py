@@ -6,8 +6,9 @@ The conversation becomes OpenAI messages: ``system`` a system message; a user tu
 each ``tool_result`` a tool message (``tool_call_id`` = the ``tool_use_id``, an error result prefixed with
 :data:`ERROR_PREFIX`); an assistant turn's text blocks its ``content``, its ``thinking`` blocks its
 ``reasoning_content`` and its ``tool_use`` blocks its ``tool_calls`` (``id`` passed through: the planner renumbers
-ids that are not Kimi's). ``redacted_thinking`` is opaque to this model and dropped. Images, documents and other
-block types are refused with a 400 naming the block.
+ids that are not Kimi's). A user turn's ``image`` blocks (base64 or url sources) become chat ``image_url`` parts
+between its text, for a model that takes images. ``redacted_thinking`` is opaque to this model and dropped.
+Documents, images inside tool results and other block types are refused with a 400 naming the block.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.chat import ChatOptions, ChatPlan, plan_chat
 from k2ray.serve.openai.errors import APIError
 from k2ray.serve.openai.limits import Limits
+from k2ray.serve.part_origins import PartOrigins
 
 ERROR_PREFIX = "Error: "  # a tool_result with is_error: the model sees that the call failed
 
@@ -36,8 +38,33 @@ _PARAM_NAMES = {
 
 def _unsupported(block, where: str) -> ParamError:
     if block.type == "image":
-        return ParamError(where, "image input is not supported by this server yet (text only)")
+        return ParamError(where, "image blocks are taken in a user turn's content only (not in tool results or "
+                                 "assistant turns)")
     return ParamError(where, f"content block type {block.type!r} is not supported here")
+
+
+def _image_url(block: A.ImageBlockParam, where: str) -> str:
+    """The URL of an image block's ``source``: base64 data as a ``data:`` URL, or the ``url`` source's URL."""
+    src = block.source
+    if not isinstance(src, dict):
+        raise ParamError(f"{where}.source", "required: {\"type\": \"base64\", \"media_type\", \"data\"} or "
+                                            "{\"type\": \"url\", \"url\"}")
+    kind = src.get("type")
+    if kind == "base64":
+        media, data = src.get("media_type"), src.get("data")
+        if not isinstance(media, str) or not media.startswith("image/"):
+            raise ParamError(f"{where}.source.media_type", f"expected an image media type such as image/png "
+                                                           f"(got {media!r})")
+        if not isinstance(data, str) or not data:
+            raise ParamError(f"{where}.source.data", "expected the base64-encoded image")
+        return f"data:{media};base64,{data}"
+    if kind == "url":
+        url = src.get("url")
+        if not isinstance(url, str) or not url:
+            raise ParamError(f"{where}.source.url", "expected an http(s) URL string")
+        return url
+    raise ParamError(f"{where}.source.type", f"expected 'base64' or 'url' (got {kind!r}; file sources need the "
+                                             f"Files API, which this server does not have)")
 
 
 def _misplaced(block, where: str, role: str) -> ParamError:
@@ -60,20 +87,25 @@ def _tool_result_text(block: A.ToolResultBlockParam, where: str) -> str:
     return ERROR_PREFIX + text if block.is_error else text
 
 
-def _user_turn(blocks: list, where: str) -> list[dict]:
-    """A user turn: its text (consecutive text blocks together) and one tool message per ``tool_result``."""
+def _user_turn(blocks: list, where: str, origins: PartOrigins) -> list[dict]:
+    """A user turn: its text and images (consecutive text and image blocks together: a string, or a list of chat
+    parts when it holds images) and one tool message per ``tool_result``."""
     out: list[dict] = []
-    texts: list[str] = []
+    parts: list[dict] = []
 
     def flush():
-        if texts:
-            out.append({"role": "user", "content": "".join(texts)})
-            texts.clear()
+        if any(p["type"] == "image_url" for p in parts):
+            out.append({"role": "user", "content": list(parts)})
+        elif parts:
+            out.append({"role": "user", "content": "".join(p["text"] for p in parts)})
+        parts.clear()
 
     for j, b in enumerate(blocks):
         w = f"{where}.content[{j}]"
         if isinstance(b, A.TextBlockParam):
-            texts.append(b.text)
+            parts.append({"type": "text", "text": b.text})
+        elif isinstance(b, A.ImageBlockParam):
+            parts.append(origins.note({"type": "image_url", "image_url": {"url": _image_url(b, w)}}, w))
         elif isinstance(b, A.ToolResultBlockParam):
             flush()
             out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": _tool_result_text(b, w)})
@@ -113,8 +145,9 @@ def _assistant_turn(blocks: list, where: str) -> dict:
     return msg
 
 
-def to_messages(req: A.CountTokensRequest) -> list[dict]:
-    """The conversation as OpenAI chat messages."""
+def to_messages(req: A.CountTokensRequest, origins: Optional[PartOrigins] = None) -> list[dict]:
+    """The conversation as OpenAI chat messages (``origins`` learns where their image parts came from)."""
+    origins = origins if origins is not None else PartOrigins()
     out: list[dict] = []
     if req.system is not None:
         system = req.system if isinstance(req.system, str) else "".join(b.text for b in req.system)
@@ -126,12 +159,13 @@ def to_messages(req: A.CountTokensRequest) -> list[dict]:
         elif not m.content:
             raise ParamError(f"{where}.content", "at least one content block is required")
         elif m.role == "user":
-            out += _user_turn(m.content, where)
+            out += _user_turn(m.content, where, origins)
         else:
             out.append(_assistant_turn(m.content, where))
     if req.messages[-1].role == "assistant":
         raise ParamError(f"messages[{len(req.messages) - 1}]",
                          "a final assistant message (prefill) is not supported: end with a user message")
+    origins.index(out)
     return out
 
 
@@ -157,7 +191,7 @@ def _thinking(cfg) -> Optional[dict]:
     return None  # absent or adaptive: the server's default
 
 
-def to_chat_request(req: A.CountTokensRequest) -> P.ChatCompletionRequest:
+def to_chat_request(req: A.CountTokensRequest, origins: Optional[PartOrigins] = None) -> P.ChatCompletionRequest:
     """The chat request the Messages request means (``count_tokens`` requests too: no sampling fields then)."""
     tools = [P.Tool(function=P.FunctionDefinition(name=t.name, description=t.description, parameters=t.input_schema,
                                                   strict=t.strict))
@@ -165,7 +199,7 @@ def to_chat_request(req: A.CountTokensRequest) -> P.ChatCompletionRequest:
     choice, parallel = _tool_choice(req.tool_choice)
     fmt = req.output_config.format if req.output_config is not None else None
     fields: dict = dict(
-        messages=to_messages(req), tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
+        messages=to_messages(req, origins), tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
         chat_template_kwargs=_thinking(req.thinking),
         response_format=(P.ResponseFormat(type="json_schema", json_schema={"name": "output", "schema": fmt.schema_})
                          if fmt is not None else None),
@@ -176,23 +210,25 @@ def to_chat_request(req: A.CountTokensRequest) -> P.ChatCompletionRequest:
     return P.ChatCompletionRequest(**fields)
 
 
-def _renamed(param: Optional[str]) -> Optional[str]:
-    return _PARAM_NAMES.get(param, param) if param else param
+def _renamed(param: Optional[str], origins: PartOrigins) -> Optional[str]:
+    return _PARAM_NAMES.get(param, origins.rename(param)) if param else param
 
 
 def plan_messages(req: A.CountTokensRequest, template, tokenizer, limits: Limits, options: ChatOptions,
-                  thinking_template: bool) -> ChatPlan:
-    """Translate and plan (errors name the Anthropic parameter where the planner named OpenAI's)."""
-    chat_req = to_chat_request(req)
+                  thinking_template: bool, image_config=None) -> ChatPlan:
+    """Translate and plan (errors name the Anthropic parameter where the planner named OpenAI's). ``image_config``:
+    the model's image processor config when it takes images."""
+    origins = PartOrigins()
+    chat_req = to_chat_request(req, origins)
     try:
-        return plan_chat(chat_req, template, tokenizer, limits, options, thinking_template)
+        return plan_chat(chat_req, template, tokenizer, limits, options, thinking_template, image_config)
     except ParamError as e:
-        new = _renamed(e.param)
+        new = _renamed(e.param, origins)
         if new == e.param:
             raise
         raise ParamError(new, str(e).removeprefix(f"{e.param}: ")) from None
     except APIError as e:
-        new = _renamed(e.param)
+        new = _renamed(e.param, origins)
         if new == e.param:
             raise
         msg = f"{new}: {e.message.removeprefix(f'{e.param}: ')}" if e.message.startswith(f"{e.param}:") else e.message

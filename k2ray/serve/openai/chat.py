@@ -93,7 +93,9 @@ def render_chat(template, messages: list, tools: Optional[list[dict]], add_gener
         return template.apply(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
     except ChatTemplateError as e:
         msg = str(e)
-        param = "messages" if msg.startswith("messages") else ("tools" if msg.startswith("tools") else None)
+        head = msg.split(":", 1)[0]
+        param = head if head.startswith(("messages[", "tools[")) and " " not in head else (
+            "messages" if msg.startswith("messages") else ("tools" if msg.startswith("tools") else None))
         raise bad_request(msg, param) from None
 
 

@@ -4,11 +4,13 @@ A Responses request becomes an internal :class:`~k2ray.serve.openai.protocol.Cha
 -> a system message, the input items -> chat messages, ``tools`` / ``tool_choice`` / ``text.format`` /
 ``max_output_tokens`` / ``reasoning.effort`` -> their chat counterparts) and goes through
 :func:`k2ray.serve.openai.chat.plan_chat` unchanged; the answer is the chat accumulator's, re-shaped by
-:mod:`k2ray.serve.openai.responses_events`. Pure: no I/O, no Ray (the stored previous response is handed in).
+:mod:`k2ray.serve.openai.responses_events`. No Ray (the stored previous response is handed in); the only I/O is the
+chat planner's loading of image URLs.
 
 Input items understood (anything else is a 400 naming the item): ``message`` items and bare ``{role, content}``
-objects (content a string or ``input_text`` / ``output_text`` / ``refusal`` parts; ``input_image``, ``input_file``
-and ``input_audio`` are refused: this server has no image or file input), ``function_call`` (its ``call_id`` becomes
+objects (content a string or ``input_text`` / ``output_text`` / ``refusal`` parts; a user message's ``input_image``
+parts become chat ``image_url`` parts, for a model that takes images; ``input_file`` and ``input_audio`` are refused:
+this server has no file or audio input), ``function_call`` (its ``call_id`` becomes
 the OpenAI tool-call id, unchanged), ``function_call_output``, and ``reasoning`` items (their ``content`` text, or
 else their ``summary`` text, goes back to the model as the assistant turn's ``reasoning_content``). Consecutive
 reasoning / assistant message / function_call items form ONE assistant turn, as the model wrote them.
@@ -27,6 +29,7 @@ from k2ray.runtime.sampling import ParamError
 from k2ray.serve.openai import chat
 from k2ray.serve.openai import protocol as P
 from k2ray.serve.openai.errors import APIError, bad_request, from_validation
+from k2ray.serve.part_origins import PartOrigins
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 NO_THINKING_EFFORTS = ("none", "minimal")  # these switch the think block off (the template pre-fills an empty one)
@@ -87,8 +90,9 @@ def _text_of_parts(parts: Any, where: str, allowed: tuple[str, ...]) -> str:
         here = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_image", "input_file", "input_audio"):
-            raise bad_request(f"{here}: {kind} content is not supported: this server takes text input only "
-                              f"(no image, file or audio input)", here, "unsupported_content")
+            what = "images are taken in user messages only" if kind == "input_image" else \
+                "this server takes text and image input (no file or audio input)"
+            raise bad_request(f"{here}: {kind} content is not supported here: {what}", here, "unsupported_content")
         if kind not in allowed:
             raise bad_request(f"{here}.type: expected one of {list(allowed)} (got {kind!r})", f"{here}.type")
         key = "refusal" if kind == "refusal" else "text"
@@ -97,6 +101,34 @@ def _text_of_parts(parts: Any, where: str, allowed: tuple[str, ...]) -> str:
             raise bad_request(f"{here}.{key}: expected a string", f"{here}.{key}")
         out.append(text)
     return "".join(out)
+
+
+def _image_part(part: dict, where: str) -> dict[str, Any]:
+    """An ``input_image`` part -> the chat ``image_url`` part (``detail`` is accepted and ignored: the image
+    processor decides the resolution)."""
+    url = part.get("image_url")
+    if part.get("file_id") is not None and url is None:
+        raise bad_request(f"{where}.file_id: file ids are not supported (no Files API): send image_url, an http(s) "
+                          f"or data: URL", f"{where}.file_id", "unsupported_content")
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{where}.image_url: expected an http(s) or data: URL string", f"{where}.image_url")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _user_content(parts: Any, where: str, origins: PartOrigins) -> Union[str, list[dict[str, Any]]]:
+    """A user message's ``content``: text parts joined into a string, or, when it holds ``input_image`` parts, the
+    chat content list (text and ``image_url`` parts in their order) that the chat planner takes images from."""
+    if not isinstance(parts, list) or not any(isinstance(p, dict) and p.get("type") == "input_image"
+                                              for p in parts):
+        return _text_of_parts(parts, where, ("input_text",))
+    out: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        here = f"{where}[{j}]"
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            out.append(origins.note(_image_part(part, here), here))
+        else:
+            out.append({"type": "text", "text": _text_of_parts([part], where, ("input_text",))})
+    return out
 
 
 def _function_output(value: Any, where: str) -> str:
@@ -163,8 +195,11 @@ def normalize_input(value: Union[str, list, None]) -> list[dict[str, Any]]:
     return list(value)
 
 
-def items_to_messages(items: list[dict[str, Any]], param: str = "input") -> list[dict[str, Any]]:
-    """Responses input items -> chat messages. ``param`` prefixes the field named in errors."""
+def items_to_messages(items: list[dict[str, Any]], param: str = "input",
+                      origins: Optional[PartOrigins] = None) -> list[dict[str, Any]]:
+    """Responses input items -> chat messages. ``param`` prefixes the field named in errors; ``origins`` notes the
+    image parts."""
+    origins = origins if origins is not None else PartOrigins()
     turns = _Turns()
     for i, item in enumerate(items):
         where = f"{param}[{i}]"
@@ -177,7 +212,9 @@ def items_to_messages(items: list[dict[str, Any]], param: str = "input") -> list
             if role == "assistant":
                 turns.assistant_text(_text_of_parts(content, f"{where}.content", ("output_text", "input_text",
                                                                                   "refusal")))
-            elif role in ("user", "system", "developer"):
+            elif role == "user":
+                turns.other({"role": role, "content": _user_content(content, f"{where}.content", origins)})
+            elif role in ("system", "developer"):
                 text = _text_of_parts(content, f"{where}.content", ("input_text",))
                 turns.other({"role": role, "content": text})
             else:
@@ -289,10 +326,12 @@ _PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "max_com
                 "json_schema": "text.format.schema"}
 
 
-def _renamed(e: APIError) -> APIError:
+def _renamed(e: APIError, origins: PartOrigins) -> APIError:
     name = _PARAM_NAMES.get(e.param or "")
     if name is None:
-        return e
+        if origins.rename(e.param) == e.param:
+            return e
+        return APIError(e.status, origins.rename(e.message), e.type, origins.rename(e.param), e.code)
     msg = e.message.replace(f"{e.param}:", f"{name}:", 1) if e.message.startswith(f"{e.param}:") else e.message
     return APIError(e.status, msg, e.type, name, e.code)
 
@@ -323,18 +362,20 @@ def check_request(req: ResponsesRequest) -> None:
         raise bad_request("input: must not be empty", "input")
 
 
-def plan_response(req: ResponsesRequest, previous: Optional[dict], template, tokenizer, limits, options, thinks
-                  ) -> ResponsesTurn:
+def plan_response(req: ResponsesRequest, previous: Optional[dict], template, tokenizer, limits, options, thinks,
+                  image_config=None) -> ResponsesTurn:
     """The chat plan of a Responses request. ``previous``: the stored record of ``previous_response_id`` (its items
     and response), whose conversation this request continues; its ``instructions`` are not carried over (OpenAI's
     rule: each request gives its own)."""
     check_request(req)
     history = (previous["items"] + previous["response"]["output"]) if previous else []
     new_items = normalize_input(req.input)
-    messages = items_to_messages(history, "previous_response_id") if history else []
-    messages += items_to_messages(new_items, "input")
+    origins = PartOrigins()
+    messages = items_to_messages(history, "previous_response_id", origins) if history else []
+    messages += items_to_messages(new_items, "input", origins)
     if req.instructions:
         messages.insert(0, {"role": "system", "content": req.instructions})
+    origins.index(messages)
     tools, tools_echo = _tools(req.tools)
     choice, choice_echo = _tool_choice(req.tool_choice)
     response_format, text_echo = _text_format(req.text)
@@ -352,13 +393,13 @@ def plan_response(req: ResponsesRequest, previous: Optional[dict], template, tok
         body["chat_template_kwargs"] = {"thinking": thinking}
     try:
         chat_req = P.ChatCompletionRequest.model_validate(body)
-        plan = chat.plan_chat(chat_req, template, tokenizer, limits, options, thinks)
+        plan = chat.plan_chat(chat_req, template, tokenizer, limits, options, thinks, image_config)
     except APIError as e:
-        raise _renamed(e) from None
+        raise _renamed(e, origins) from None
     except ParamError as e:
-        raise _renamed(bad_request(str(e), e.param)) from None
+        raise _renamed(bad_request(str(e), e.param), origins) from None
     except ValidationError as e:
-        raise _renamed(from_validation(e)) from None
+        raise _renamed(from_validation(e), origins) from None
     echo = {
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {},
         "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": req.previous_response_id,
