@@ -1,4 +1,4 @@
-"""Tiled prompt-chunk MLA (k2ray.model.mla_prefill) against the naive reference, the expanded/absorbed cost rule, and
+"""Prompt-chunk MLA (k2ray.model.mla_prefill: the flash kernel and the tiled twin) against the naive reference, the expanded/absorbed cost rule, and
 a 16K-token chunked prefill through the offline engine against transformers."""
 
 from __future__ import annotations
@@ -50,12 +50,31 @@ def test_tiled_equals_naive(attn, q_len, ctx_len, absorbed):
     with torch.no_grad():
         ref = attn._prefill(q_nope, q_pe, lat, ctx_len - q_len)
         for tile in (16, 4096):
-            got = mla_prefill(q_nope, q_pe, lat, None, ctx_len, attn.kv_b_proj.weight, attn.scale, absorbed, tile)
+            got = mla_prefill(q_nope, q_pe, lat, None, ctx_len, attn.kv_b_proj.weight, attn.scale, absorbed, tile,
+                              "tiled")
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
+@pytest.mark.parametrize("q_len,ctx_len", CASES + [(300, 20_000), (1, 9000), (8193, 8193)])
+def test_flash_equals_naive(attn, q_len, ctx_len, absorbed, monkeypatch):
+    """The fused-kernel path == the naive reference, across key-block boundaries (blocks of 16 and the default)."""
+    import k2ray.model.mla_prefill as mp
+
+    q_nope, q_pe = _queries(q_len, seed=q_len * 1000 + ctx_len)
+    lat = torch.randn(ctx_len, TINY.kv_cache_dim, generator=torch.Generator().manual_seed(ctx_len))
+    assert mp.flash_available(q_nope)
+    with torch.no_grad():
+        ref = attn._prefill(q_nope, q_pe, lat, ctx_len - q_len)
+        for key_block in ((16, mp.KEY_BLOCK) if ctx_len < 1000 else (mp.KEY_BLOCK,)):
+            monkeypatch.setattr(mp, "KEY_BLOCK", key_block)
+            got = mla_prefill(q_nope, q_pe, lat, None, ctx_len, attn.kv_b_proj.weight, attn.scale, absorbed,
+                              kernel="flash")
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_tiled_reads_the_paged_cache(attn):
-    """Latents scattered over cache blocks, read through slots == the same latents contiguous."""
+    """Latents scattered over cache blocks, read through slots == the same latents contiguous (both kernels)."""
     bs, ctx, q_len = 4, 37, 9
     cache = torch.randn(16, bs, TINY.kv_cache_dim)
     table = torch.tensor([9, 3, 14, 0, 7, 11, 2, 5, 12, 1])
@@ -65,9 +84,10 @@ def test_tiled_reads_the_paged_cache(attn):
     with torch.no_grad():
         ref = attn._prefill(q_nope, q_pe, lat, ctx - q_len)
         for absorbed in (False, True):
-            got = mla_prefill(q_nope, q_pe, cache.view(-1, TINY.kv_cache_dim), slots, ctx, attn.kv_b_proj.weight,
-                              attn.scale, absorbed, tile=8)
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            for kernel in ("tiled", "flash"):
+                got = mla_prefill(q_nope, q_pe, cache.view(-1, TINY.kv_cache_dim), slots, ctx,
+                                  attn.kv_b_proj.weight, attn.scale, absorbed, tile=8, kernel=kernel)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_attend_chunked_through_cache_equals_naive(attn):
@@ -111,11 +131,12 @@ def test_bf16_tiled_close_to_fp32(attn):
     with torch.no_grad():
         ref = attn._prefill(q_nope, q_pe, lat, ctx - q_len)
         for absorbed in (False, True):
-            got = mla_prefill(q_nope.bfloat16(), q_pe.bfloat16(), lat.bfloat16(), None, ctx, w.bfloat16(),
-                              attn.scale, absorbed, tile=64)
-            assert got.dtype == torch.bfloat16
-            cos = torch.nn.functional.cosine_similarity(got.float().flatten(), ref.flatten(), dim=0)
-            assert cos > 0.999
+            for kernel in ("tiled", "flash"):
+                got = mla_prefill(q_nope.bfloat16(), q_pe.bfloat16(), lat.bfloat16(), None, ctx, w.bfloat16(),
+                                  attn.scale, absorbed, tile=64, kernel=kernel)
+                assert got.dtype == torch.bfloat16
+                cos = torch.nn.functional.cosine_similarity(got.float().flatten(), ref.flatten(), dim=0)
+                assert cos > 0.999, (absorbed, kernel)
 
 
 @pytest.mark.parametrize("args", [TINY, None], ids=["tiny", "k2"])

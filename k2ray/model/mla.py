@@ -2,8 +2,9 @@
 
 Per token and layer the cache holds the RMS-normed latent ``c_kv`` (kv_lora_rank values) followed by the roped
 shared key (qk_rope_head_dim values). Decode absorbs ``kv_b_proj`` into the query and the output so attention runs on
-the latent directly. A prompt chunk attends over its context in tiles (:mod:`k2ray.model.mla_prefill`), expanded or
-absorbed by a cost rule, at memory linear in the context; :meth:`MLAttention._prefill` is the naive reference
+the latent directly. A prompt chunk attends over its context block by block (:mod:`k2ray.model.mla_prefill`: the
+fused flash kernel on CPU, a tiled torch twin elsewhere), expanded or absorbed by a cost rule, at memory linear in
+the context; :meth:`MLAttention._prefill` is the naive reference
 (the whole context expanded, the full score matrix), kept for tests.
 """
 
@@ -123,13 +124,13 @@ class MLAttention(nn.Module):
                 else:  # read tile by tile straight from the paged cache
                     lat = kv_cache.view(-1, kv_cache.shape[-1])
                     slots = context_slots(kv_cache, s.block_table, s.ctx_len)
-                out[sl] = self._prefill_tiled(q_nope[sl], q_pe[sl], lat, slots, s.ctx_len)
+                out[sl] = self._prefill_blocked(q_nope[sl], q_pe[sl], lat, slots, s.ctx_len)
         return self.o_proj(out.reshape(n, self.num_heads * self.v_dim))
 
-    def _prefill_tiled(
+    def _prefill_blocked(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor, slots: torch.Tensor | None, ctx_len: int
     ) -> torch.Tensor:
-        """One sequence's chunk over its context, tiled; absorbed or expanded by :func:`use_absorbed`."""
+        """One sequence's chunk over its context, block by block; absorbed or expanded by :func:`use_absorbed`."""
         absorbed = use_absorbed(
             q_nope.shape[0], ctx_len, self.num_heads, self.kv_lora_rank, self.rope_dim, self.nope, self.v_dim
         )

@@ -1,4 +1,4 @@
-"""Prompt-chunk MLA attention at memory linear in the context: online softmax over tiles of cached latents.
+"""Prompt-chunk MLA attention at memory linear in the context: softmax over blocks of cached latents, combined.
 
 A prompt chunk of ``q`` new tokens attends to ``ctx`` tokens (the cached ones plus itself; the chunk's queries sit at
 positions ``ctx - q .. ctx - 1``). Instead of the naive form's full ``[heads, q, ctx]`` score matrix and the whole
@@ -13,6 +13,16 @@ Two forms, the same result (up to rounding):
 * **absorbed** — ``W_UK`` is folded into the queries once (``q_latent = q_nope · W_UK``), scores run on the latent
   ``[kv_lora_rank + rope]`` itself (one shared key per token, as in decode), and ``W_UV`` is applied to the attended
   latent at the end.
+
+Two kernels compute either form:
+
+* **flash** (CPU, the default there): PyTorch's fused flash-attention CPU kernel over key blocks of
+  :data:`KEY_BLOCK` latents — the cached prefix without a mask, the chunk's own keys as one square causal block —
+  whose partial results are merged by their log-sum-exp. Only one block is expanded at a time. Measured on the tiny
+  model's shape (4 heads, a 2,048-query chunk, 2 cores): 0.46 s over 16K keys and 1.6 s over 49K, against 1.2 s and
+  4.9-5.5 s for the tiled twin.
+* **tiled**: the torch twin, online softmax in plain torch ops over tiles of ``tile`` keys; any device and dtype,
+  and what the flash kernel is checked against.
 
 :func:`use_absorbed` picks the form per sequence by counting multiply-adds (see its docstring). Shapes in comments:
 ``H`` heads, ``q`` chunk tokens, ``t`` tile tokens, ``L`` kv_lora_rank, ``R`` rope dims, ``N`` nope dims, ``V`` value
@@ -35,6 +45,16 @@ def tile_size(heads: int, q_len: int) -> int:
     """Keys per tile for a chunk of ``q_len`` queries: fills :data:`SCORE_BUDGET`, a multiple of 256."""
     t = SCORE_BUDGET // max(1, heads * q_len)
     return max(MIN_TILE, min(MAX_TILE, t // 256 * 256))
+
+
+# Latents per flash block: bounds the expanded keys/values held at once (8K x heads x (N+R) x 2 values).
+KEY_BLOCK = 8192
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def flash_available(q: torch.Tensor) -> bool:
+    """Whether the fused kernel takes these queries: a CPU tensor in fp32 or bf16 (the kernel's dtypes here)."""
+    return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
 
 
 def use_absorbed(q_len: int, ctx_len: int, heads: int, kv_lora_rank: int, rope: int, nope: int, v: int) -> bool:
@@ -66,14 +86,69 @@ def mla_prefill(
     scale: float,
     absorbed: bool,
     tile: int | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """Causal attention of one sequence's chunk over its context, tiled: ``[q, H, V]`` in ``q_nope.dtype``.
+    """Causal attention of one sequence's chunk over its context: ``[q, H, V]`` in ``q_nope.dtype``.
 
     ``q_nope [q, H, N]`` and roped ``q_pe [q, H, R]`` are the chunk's queries; context token ``j`` is
     ``latents[slots[j]]`` (``latents [*, L + R]``, e.g. the flattened paged cache), or ``latents[j]`` when ``slots``
-    is None. ``kv_b_weight [H * (N + V), L]`` is ``kv_b_proj``'s weight. Softmax statistics and the accumulator are
-    fp32; the matmuls run in the queries' dtype.
+    is None. ``kv_b_weight [H * (N + V), L]`` is ``kv_b_proj``'s weight. ``kernel``: ``"flash"``, ``"tiled"`` or
+    ``"auto"`` (flash where :func:`flash_available`); ``tile`` sizes the tiled kernel's key tiles.
     """
+    if kernel == "flash" or (kernel == "auto" and flash_available(q_nope)):
+        return _flash(q_nope, q_pe, latents, slots, ctx_len, kv_b_weight, scale, absorbed)
+    return _tiled(q_nope, q_pe, latents, slots, ctx_len, kv_b_weight, scale, absorbed, tile)
+
+
+def _flash(q_nope, q_pe, latents, slots, ctx_len: int, kv_b_weight, scale: float, absorbed: bool) -> torch.Tensor:
+    """The flash kernel (module docstring). The kernel wants one head size for q, k and v: values are zero-padded
+    to the key size and the padding dropped from the output."""
+    q, H, N = q_nope.shape
+    R = q_pe.shape[-1]
+    L = latents.shape[-1] - R
+    V = kv_b_weight.shape[0] // H - N
+    dtype = q_nope.dtype
+    offset = ctx_len - q
+    w = kv_b_weight.view(H, N + V, L)
+    if absorbed:
+        q_lat = torch.einsum("qhn,hnl->hql", q_nope, w[:, :N])  # [H, q, L]
+        query = torch.cat([q_lat, q_pe.transpose(0, 1)], dim=-1).unsqueeze(0)  # [1, H, q, L+R]
+    else:
+        query = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1).unsqueeze(0)  # [1, H, q, N+R]
+    D = query.shape[-1]
+
+    def block(k0: int, k1: int, causal: bool):
+        lat = (latents[k0:k1] if slots is None else latents[slots[k0:k1]]).to(dtype)  # [t, L+R]
+        t = k1 - k0
+        if absorbed:  # one latent key per token, shared by the heads
+            keys = lat.unsqueeze(0).expand(H, t, L + R)  # [H, t, L+R]
+            vals = torch.nn.functional.pad(lat[:, :L], (0, R)).unsqueeze(0).expand(H, t, D)  # [H, t, L+R]
+        else:
+            kv = torch.nn.functional.linear(lat[:, :L], kv_b_weight).view(t, H, N + V)
+            keys = torch.cat([kv[..., :N], lat[:, L:].unsqueeze(1).expand(-1, H, -1)], dim=-1).transpose(0, 1)
+            vals = torch.nn.functional.pad(kv[..., N:], (0, D - V)).transpose(0, 1)  # [H, t, N+R]
+        out, lse = _FLASH_CPU(query, keys.unsqueeze(0).contiguous(), vals.unsqueeze(0).contiguous(), 0.0, causal,
+                              scale=scale)
+        return out.float(), lse.float()  # [1, H, q, D], [1, H, q]
+
+    # Every query sees the whole cached prefix (no mask) and the chunk itself causally (a square block).
+    out, lse = block(offset, ctx_len, True)
+    for k0 in range(0, offset, KEY_BLOCK):
+        o_b, lse_b = block(k0, min(k0 + KEY_BLOCK, offset), False)
+        m = torch.maximum(lse, lse_b)
+        a, b = torch.exp(lse - m), torch.exp(lse_b - m)  # [1, H, q]
+        out = (out * a.unsqueeze(-1) + o_b * b.unsqueeze(-1)) / (a + b).unsqueeze(-1)
+        lse = m + torch.log(a + b)
+    out = out[0].to(dtype)  # [H, q, D]
+    if absorbed:
+        return torch.einsum("hql,hvl->qhv", out[..., :L], w[:, N:])
+    return out[..., :V].transpose(0, 1)
+
+
+def _tiled(q_nope, q_pe, latents, slots, ctx_len: int, kv_b_weight, scale: float, absorbed: bool,
+           tile: int | None) -> torch.Tensor:
+    """The torch twin: online softmax over tiles of keys (fp32 statistics and accumulator; matmuls in the
+    queries' dtype)."""
     q, H, N = q_nope.shape
     R = q_pe.shape[-1]
     L = latents.shape[-1] - R
