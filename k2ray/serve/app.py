@@ -74,6 +74,23 @@ def router_options(args: ServeArgs) -> dict[str, Any]:
     return opts
 
 
+def vision_options(args: ServeArgs) -> dict[str, Any]:
+    """Serve options of the VisionEncoder deployment: a fixed pool, or one Serve autoscales on its own queue."""
+    actor: dict[str, Any] = {"num_cpus": args.vision_worker_cpus, "num_gpus": args.vision_worker_gpus}
+    if args.vision_worker_resources:
+        actor["resources"] = dict(args.vision_worker_resources)
+    if args.vision_worker_node_labels:
+        actor["label_selector"] = dict(args.vision_worker_node_labels)
+    opts: dict[str, Any] = {"ray_actor_options": actor,
+                            "max_ongoing_requests": 4 * (args.engine.max_num_seqs + args.max_queued_requests)}
+    if args.vision_max_workers > args.vision_workers:
+        opts["autoscaling_config"] = {"min_replicas": args.vision_workers, "max_replicas": args.vision_max_workers,
+                                      "target_ongoing_requests": args.vision_target_ongoing_requests}
+    else:
+        opts["num_replicas"] = args.vision_workers
+    return opts
+
+
 def build_app(args: dict[str, Any] | ServeArgs | None = None):
     """The k2ray application for ``serve run`` / ``serve deploy`` / ``serve.run`` (Serve wants a builder of exactly
     one parameter)."""
@@ -89,12 +106,9 @@ def build_app_with_options(args: dict[str, Any] | ServeArgs | None = None,
     vision = None
     if a.vision_workers:
         # One pool for the whole application: every model group's router gets the same handle.
-        vision = VisionDeployment.options(
-            num_replicas=a.vision_workers,
-            ray_actor_options={"num_cpus": a.vision_worker_cpus, "num_gpus": a.vision_worker_gpus},
-            max_ongoing_requests=4 * (a.engine.max_num_seqs + a.max_queued_requests),
-        ).bind(a.model, a.model_name, a.engine.dtype, "cuda" if a.vision_worker_gpus else "cpu",
-               a.vision_cache_images, max(1, int(a.vision_worker_cpus)))
+        vision = VisionDeployment.options(**vision_options(a)).bind(
+            a.model, a.model_name, a.engine.dtype, "cuda" if a.vision_worker_gpus else "cpu", a.vision_cache_images,
+            max(1, int(a.vision_worker_cpus)), a.vision_max_batch_requests, a.vision_batch_wait_ms / 1e3)
     router = RouterDeployment.options(**router_options(a)).bind(plain, vision)
     ingress = IngressDeployment.options(**{
         "ray_actor_options": {"num_cpus": 0.25},

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
 from k2ray.checkpoint.builtin import default_served_name
 from k2ray.config import ConfigError, EngineConfig, ParallelConfig
@@ -52,11 +52,20 @@ class ServeArgs(BaseModel):
     image_fetch_timeout_s: float = 10.0
     # Where the image encoder runs: 0 = in each router replica's process; N > 0 = a VisionEncoder deployment of N
     # replicas (vision_worker_cpus / vision_worker_gpus each, LRU cache of vision_cache_images embeddings each)
-    # shared by all model groups.
+    # shared by all model groups. vision_max_workers > vision_workers: Serve autoscales the pool between the two on
+    # its own queue (vision_target_ongoing_requests encode calls per replica). vision_worker_resources (custom Ray
+    # resources) and vision_worker_node_labels (Ray node labels) pin it to its nodes. Concurrent requests' images
+    # are encoded as one batch: up to vision_max_batch_requests requests, waiting at most vision_batch_wait_ms.
     vision_workers: int = 0
+    vision_max_workers: int = 0
+    vision_target_ongoing_requests: float = 2.0
     vision_worker_cpus: float = 1.0
     vision_worker_gpus: float = 0.0
+    vision_worker_resources: dict[str, float] = {}
+    vision_worker_node_labels: dict[str, str] = {}
     vision_cache_images: int = 64
+    vision_max_batch_requests: int = 8
+    vision_batch_wait_ms: float = 5.0
 
     _keys: Optional[list[str]] = PrivateAttr(None)
 
@@ -89,13 +98,45 @@ class ServeArgs(BaseModel):
             raise ValueError("must be greater than 0")
         return v
 
-    @field_validator("router_cpus", "router_gpus", "vision_workers", "vision_worker_cpus", "vision_worker_gpus",
-                     "vision_cache_images")
+    @field_validator("router_cpus", "router_gpus", "vision_workers", "vision_max_workers", "vision_worker_cpus",
+                     "vision_worker_gpus", "vision_cache_images", "vision_batch_wait_ms")
     @classmethod
     def _router_resources(cls, v: float) -> float:
         if v < 0:
             raise ValueError("must not be negative")
         return v
+
+    @field_validator("vision_max_batch_requests")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("vision_target_ongoing_requests")
+    @classmethod
+    def _positive_target(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be greater than 0")
+        return v
+
+    @field_validator("vision_worker_resources")
+    @classmethod
+    def _non_negative_vision_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, x in v.items() if x < 0]
+        if bad:
+            raise ValueError(f"resource {bad[0]!r} must not be negative")
+        return v
+
+    @model_validator(mode="after")
+    def _vision_pool_bounds(self):
+        if self.vision_max_workers and not self.vision_workers:
+            raise ValueError("vision_max_workers: an autoscaled image encoder pool needs vision_workers >= 1 (its "
+                             "minimum); 0 runs the encoder inside the router replicas")
+        if self.vision_max_workers and self.vision_max_workers < self.vision_workers:
+            raise ValueError(f"vision_max_workers: {self.vision_max_workers} is below vision_workers "
+                             f"({self.vision_workers}): set it to 0 for a fixed pool")
+        return self
 
     def image_limits(self):
         from k2ray.serve.openai.images import ImageLimits

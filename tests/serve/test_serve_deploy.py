@@ -107,6 +107,34 @@ def test_build_app_bundles_and_options():
         ServeArgs(bogus=1)
 
 
+def test_vision_pool_options():
+    """The VisionEncoder deployment: a fixed pool, or autoscaled between vision_workers and vision_max_workers;
+    custom resources and node labels reach its actors; bad bounds name the field."""
+    from k2ray.serve.app import vision_options
+
+    fixed = vision_options(ServeArgs(vision_workers=2, vision_worker_cpus=0.5))
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    scaled = vision_options(ServeArgs(vision_workers=1, vision_max_workers=4, vision_target_ongoing_requests=3,
+                                      vision_worker_gpus=1, vision_worker_resources={"k2ray_vision": 1},
+                                      vision_worker_node_labels={"k2ray/pool": "vision"}))
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
+    assert scaled["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1, "resources": {"k2ray_vision": 1},
+                                           "label_selector": {"k2ray/pool": "vision"}}
+    from ray.serve._private.config import DeploymentConfig, ReplicaConfig
+
+    # Serve itself accepts them (its own validation of autoscaling and actor options)
+    DeploymentConfig.from_default(**{k: v for k, v in scaled.items() if k != "ray_actor_options"})
+    ReplicaConfig.create(lambda: None, ray_actor_options=scaled["ray_actor_options"])
+    for bad, field in [({"vision_workers": 0, "vision_max_workers": 2}, "vision_max_workers"),
+                       ({"vision_workers": 3, "vision_max_workers": 2}, "vision_max_workers"),
+                       ({"vision_max_batch_requests": 0}, "vision_max_batch_requests"),
+                       ({"vision_worker_resources": {"x": -1}}, "vision_worker_resources")]:
+        with pytest.raises(ValueError, match=field):
+            ServeArgs(**bad)
+
+
 def test_model_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("K2RAY_CACHE_DIR", str(tmp_path))
     # Two resolvers racing (as the replicas of one node do): the file lock makes one write, both get the same

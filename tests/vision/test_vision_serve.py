@@ -8,6 +8,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+import torch
 
 from k2ray.llm import LLM
 from k2ray.runtime.sampling import SamplingParams
@@ -32,6 +33,7 @@ def base(k25_dir, tmp_path_factory):
         "parallel": {"executor": "ray", "attention_workers": 1, "expert_shards": 1, "cpus_per_worker": 0.5},
         "router_cpus": 0.5,
         "vision_workers": 1, "vision_worker_cpus": 0.5,
+        "vision_batch_wait_ms": 300,  # concurrent encode calls surely meet in one batch (test_encoder_batches_calls)
     }
     with serve_app(args, tmp_path_factory.mktemp("k2ray-cache"), num_cpus=4) as url:
         yield url
@@ -141,3 +143,27 @@ def test_responses_input_image_equals_the_chat_answer(base, offline):
     r = httpx.post(base + "/v1/responses", timeout=120, json={
         "model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]})
     assert_openai_error(r, 400, param="input[0].content[0].file_id")
+
+
+def test_encoder_batches_concurrent_calls(base, k25_dir):
+    """Three requests' images arriving together go through the encoder as one batch, each caller getting its own
+    embeddings back (equal to encoding it alone)."""
+    from ray import serve
+
+    from k2ray.tokenizer.image import ImageProcessorConfig, load_image
+
+    cfg = ImageProcessorConfig.from_dir(k25_dir)
+    images = [load_image(encode(make_image(60 + 10 * k, 50, seed=100 + k)), cfg) for k in range(3)]
+    handle = serve.get_deployment_handle("VisionEncoder", app_name="k2ray")
+    before = handle.stats.remote().result(timeout_s=60)
+    calls = [handle.encode.remote([im]) for im in images]
+    embeds = [c.result(timeout_s=120) for c in calls]
+    after = handle.stats.remote().result(timeout_s=60)
+    assert after["largest_batch"] >= 3 and after["batches"] == before["batches"] + 1
+    assert [e[0].shape[0] for e in embeds] == [im.num_tokens for im in images]
+    from k2ray.config import ModelArgs
+    from k2ray.runtime.vision import VisionRunner
+
+    alone = VisionRunner(k25_dir, ModelArgs.from_dir(k25_dir), cache_size=0)
+    for im, e in zip(images, embeds):  # batching packs images side by side; none sees another
+        torch.testing.assert_close(e[0], alone.encode([im])[0], rtol=1e-5, atol=1e-5)
