@@ -422,6 +422,14 @@ def _parse_quant(q: Any, source: str) -> QuantArgs:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def check_resources(v: dict[str, float]) -> dict[str, float]:
+    """Extra Ray resources of an actor: none negative."""
+    bad = [k for k, x in v.items() if x < 0]
+    if bad:
+        raise ValueError(f"resource {bad[0]!r} must not be negative")
+    return v
+
+
 class PoolPlacement(BaseModel):
     """Where the actors of one pool (attention workers or expert shards) may run.
 
@@ -447,10 +455,7 @@ class PoolPlacement(BaseModel):
     @field_validator("resources")
     @classmethod
     def _non_negative_resources(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, x in v.items() if x < 0]
-        if bad:
-            raise ValueError(f"resource {bad[0]!r} must not be negative")
-        return v
+        return check_resources(v)
 
 
 class EplbConfig(BaseModel):

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
 from k2ray.checkpoint.builtin import default_served_name
-from k2ray.config import ConfigError, EngineConfig, ParallelConfig
+from k2ray.config import ConfigError, EngineConfig, ParallelConfig, check_resources
 
 KEYS_ENV = "K2RAY_API_KEYS"  # comma- or newline-separated; the Helm chart sets it from a Secret
 
@@ -123,10 +123,7 @@ class ServeArgs(BaseModel):
     @field_validator("vision_worker_resources")
     @classmethod
     def _non_negative_vision_resources(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, x in v.items() if x < 0]
-        if bad:
-            raise ValueError(f"resource {bad[0]!r} must not be negative")
-        return v
+        return check_resources(v)
 
     @model_validator(mode="after")
     def _vision_pool_bounds(self):
