@@ -112,7 +112,7 @@ def test_anthropic_image_block_equals_the_chat_answer(base, offline):
     n_prompt = len(offline.output.prompt_token_ids)
     count = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": blocks}])
     assert count.input_tokens == n_prompt  # the image's tokens counted
-    msg = client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, temperature=0,
+    msg = client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, extra_body={"temperature": 0},
                                  messages=[{"role": "user", "content": blocks}])
     assert msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0) == n_prompt
     text = "".join(b.text for b in msg.content if b.type == "text")
