@@ -116,19 +116,22 @@ def _flash(q_nope, q_pe, latents, slots, ctx_len: int, kv_b_weight, scale: float
     else:
         query = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1).unsqueeze(0)  # [1, H, q, N+R]
     D = query.shape[-1]
+    w_t = w.transpose(1, 2)  # [H, L, N+V]
 
     def block(k0: int, k1: int, causal: bool):
         lat = (latents[k0:k1] if slots is None else latents[slots[k0:k1]]).to(dtype)  # [t, L+R]
         t = k1 - k0
+        keys = torch.empty(1, H, t, D, dtype=dtype, device=lat.device)
+        vals = torch.zeros(1, H, t, D, dtype=dtype, device=lat.device)
         if absorbed:  # one latent key per token, shared by the heads
-            keys = lat.unsqueeze(0).expand(H, t, L + R)  # [H, t, L+R]
-            vals = torch.nn.functional.pad(lat[:, :L], (0, R)).unsqueeze(0).expand(H, t, D)  # [H, t, L+R]
+            keys[0] = lat
+            vals[0, :, :, :L] = lat[:, :L]
         else:
-            kv = torch.nn.functional.linear(lat[:, :L], kv_b_weight).view(t, H, N + V)
-            keys = torch.cat([kv[..., :N], lat[:, L:].unsqueeze(1).expand(-1, H, -1)], dim=-1).transpose(0, 1)
-            vals = torch.nn.functional.pad(kv[..., N:], (0, D - V)).transpose(0, 1)  # [H, t, N+R]
-        out, lse = _FLASH_CPU(query, keys.unsqueeze(0).contiguous(), vals.unsqueeze(0).contiguous(), 0.0, causal,
-                              scale=scale)
+            kv = torch.matmul(lat[:, :L], w_t)  # [H, t, N+V]: the block's per-head keys and values
+            keys[0, :, :, :N] = kv[..., :N]
+            keys[0, :, :, N:] = lat[:, L:]  # the shared rope key
+            vals[0, :, :, :V] = kv[..., N:]
+        out, lse = _FLASH_CPU(query, keys, vals, 0.0, causal, scale=scale)
         return out.float(), lse.float()  # [1, H, q, D], [1, H, q]
 
     # Every query sees the whole cached prefix (no mask) and the chunk itself causally (a square block).
