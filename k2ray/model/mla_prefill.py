@@ -121,6 +121,13 @@ def _flash(q_nope, q_pe, latents, slots, ctx_len: int, kv_b_weight, scale: float
     def block(k0: int, k1: int, causal: bool):
         lat = (latents[k0:k1] if slots is None else latents[slots[k0:k1]]).to(dtype)  # [t, L+R]
         t = k1 - k0
+        if absorbed and not causal:
+            # Keys are shared by the heads and no query is masked: the heads fold into the queries of ONE head, so the
+            # cached latents are read as they are instead of copied per head.
+            vals = torch.zeros(1, 1, t, D, dtype=dtype, device=lat.device)
+            vals[0, 0, :, :L] = lat[:, :L]
+            out, lse = _FLASH_CPU(query.view(1, 1, H * q, D), lat.view(1, 1, t, D), vals, 0.0, False, scale=scale)
+            return out.view(1, H, q, D).float(), lse.view(1, H, q).float()
         keys = torch.empty(1, H, t, D, dtype=dtype, device=lat.device)
         vals = torch.zeros(1, H, t, D, dtype=dtype, device=lat.device)
         if absorbed:  # one latent key per token, shared by the heads
