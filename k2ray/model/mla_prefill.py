@@ -123,10 +123,10 @@ def _flash(q_nope, q_pe, latents, slots, ctx_len: int, kv_b_weight, scale: float
         t = k1 - k0
         if absorbed and not causal:
             # Keys are shared by the heads and no query is masked: the heads fold into the queries of ONE head, so the
-            # cached latents are read as they are instead of copied per head.
-            vals = torch.zeros(1, 1, t, D, dtype=dtype, device=lat.device)
-            vals[0, 0, :, :L] = lat[:, :L]
-            out, lse = _FLASH_CPU(query.view(1, 1, H * q, D), lat.view(1, 1, t, D), vals, 0.0, False, scale=scale)
+            # cached latents are read as they are instead of copied per head. The latents serve as the values too:
+            # their rope part only adds output dims past L, which are dropped.
+            kv = lat.view(1, 1, t, D)
+            out, lse = _FLASH_CPU(query.view(1, 1, H * q, D), kv, kv, 0.0, False, scale=scale)
             return out.view(1, H, q, D).float(), lse.view(1, H, q).float()
         keys = torch.empty(1, H, t, D, dtype=dtype, device=lat.device)
         vals = torch.zeros(1, H, t, D, dtype=dtype, device=lat.device)
