@@ -22,12 +22,31 @@ PAIRS = [
 CHART_HTTP_KEYS = ("host", "port")
 
 
-def block(deploy_file: str) -> str:
+def _app(deploy_file: str) -> tuple[dict, dict]:
     cfg = yaml.safe_load((ROOT / deploy_file).read_text())
-    app = cfg["applications"][0]
+    return cfg, cfg["applications"][0]
+
+
+def _unset_defaults(args: dict, defaults: dict) -> dict:
+    """``args`` plus ``key: null`` for each key the default values set and ``args`` does not: an override file is
+    merged over values.yaml, and Helm drops a key set to null, so the default's key does not leak in."""
+    out = dict(args)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = None
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _unset_defaults(out[k], v)
+    return out
+
+
+def block(deploy_file: str) -> str:
+    cfg, app = _app(deploy_file)
     http = {k: v for k, v in cfg.get("http_options", {}).items() if k not in CHART_HTTP_KEYS}
     deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
-    body = yaml.safe_dump({"httpOptions": http, "args": app["args"], "deployments": deployments}, sort_keys=False,
+    args = app["args"]
+    if deploy_file != PAIRS[0][0]:  # an override of the default values
+        args = _unset_defaults(args, _app(PAIRS[0][0])[1]["args"])
+    body = yaml.safe_dump({"httpOptions": http, "args": args, "deployments": deployments}, sort_keys=False,
                           width=120)
     lines = ["  # httpOptions (http_options but host and port), args and deployments:",
              f"  # generated from {deploy_file} by tools/sync_helm_values.py"]
