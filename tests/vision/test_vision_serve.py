@@ -167,3 +167,24 @@ def test_encoder_batches_concurrent_calls(base, k25_dir):
     alone = VisionRunner(k25_dir, ModelArgs.from_dir(k25_dir), cache_size=0)
     for im, e in zip(images, embeds):  # batching packs images side by side; none sees another
         torch.testing.assert_close(e[0], alone.encode([im])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_resent_over_five_turns_is_encoded_once(base):
+    """An agent loop resends its history, image included, every turn: the pool encodes the image once and answers the
+    other four turns from its cache (the same counter feeds k2ray_vision_images_encoded_total)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("VisionEncoder", app_name="k2ray")
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    url = data_url(encode(make_image(90, 64, seed=555)))
+    before = handle.stats.remote().result(timeout_s=60)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Look at this."},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    for turn in range(5):
+        msg = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4,
+                                             extra_body={"ignore_eos": True}).choices[0].message
+        messages += [{"role": "assistant", "content": msg.content or ""},
+                     {"role": "user", "content": f"And now? ({turn})"}]
+    after = handle.stats.remote().result(timeout_s=60)
+    assert after["images_encoded"] - before["images_encoded"] == 1
+    assert after["cache_hits"] - before["cache_hits"] == 4
