@@ -438,8 +438,8 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:
             images = collect_images(msgs)
             if images:  # a text-only template refusing image parts: name the part
-                raise ChatTemplateError(f"{images[0].where}: unsupported content part type 'image_url' (this "
-                                        f"model's chat template does not take images: {exc})") from exc
+                raise ChatTemplateError(f"{images[0].where}: image input is not supported by this model (its chat "
+                                        f"template does not take image parts: {exc})") from exc
             raise ChatTemplateError(f"chat template error: {exc}") from exc
 
     def render(

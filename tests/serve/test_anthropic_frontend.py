@@ -159,8 +159,7 @@ def test_the_prompt_is_the_chat_endpoints_prompt(tokenizer, template):
     ({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"},
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]},
-     "messages[0].content[1]: unsupported content part type 'image_url' (this model's chat template does not take "
-     "images"),
+     "messages[0].content[1]: image input is not supported by this model"),
     ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
      "messages[0].content[0]: content block type 'document' is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [

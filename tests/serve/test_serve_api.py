@@ -347,7 +347,7 @@ BAD_INPUTS = [
     ("response-format-unsupported", CHAT, {**OK_CHAT, "response_format": {"type": "yaml"}}, None, 400, None,
      "response_format"),
     ("unknown-role", CHAT, {**OK_CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, None, 400, None,
-     "messages"),
+     "messages[0]"),
     ("missing-messages", CHAT, {"model": MODEL}, None, 400, None, "messages"),
     ("token-out-of-vocab", CMPL, {"model": MODEL, "prompt": [1, 2, 10**9]}, None, 400, None, "prompt"),
     ("logit_bias-not-a-token-id", CHAT, {**OK_CHAT, "logit_bias": {"hello": 5}}, None, 400, None, "logit_bias"),

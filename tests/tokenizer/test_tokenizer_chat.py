@@ -203,7 +203,7 @@ def test_arguments_string_or_object_render_the_same(ct):
         ([{"role": "user"}], r"messages\[0\].content: content is required"),
         ([{"role": "user", "content": 5}], r"messages\[0\].content: expected a string"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-         r"messages\[0\].content\[0\]: unsupported content part type 'image_url'"),
+         r"messages\[0\].content\[0\]: image input is not supported by this model"),
         ([{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}],
          r"messages\[1\]: tool message without tool_call_id"),
         ([{"role": "assistant", "content": "", "tool_calls": [_call("c1", "f", "{not json")]}],

@@ -81,7 +81,7 @@ def test_image_errors_name_the_part(llm, tiny_model_dir):
         pad = llm.engine.args.media_placeholder_token_id
         llm.generate([[1, pad, 2, pad]], GREEDY, images=[[im]])
     with LLM(tiny_model_dir, num_kv_blocks=64) as text_only:
-        with pytest.raises(ValueError, match=r"messages\[0\].content\[0\]: unsupported content part type"):
+        with pytest.raises(ValueError, match=r"messages\[0\].content\[0\]: image input is not supported"):
             text_only.chat(_conv(make_image(30, 30, seed=0)), GREEDY)
 
 
