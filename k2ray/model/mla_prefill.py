@@ -101,8 +101,8 @@ def mla_prefill(
 
 
 def _flash(q_nope, q_pe, latents, slots, ctx_len: int, kv_b_weight, scale: float, absorbed: bool) -> torch.Tensor:
-    """The flash kernel (module docstring). The kernel wants one head size for q, k and v: values are zero-padded
-    to the key size and the padding dropped from the output."""
+    """The flash kernel (module docstring). The kernel wants one head size for q, k and v: expanded values are
+    zero-padded to the key size, absorbed ones are the latents themselves; the extra output dims are dropped."""
     q, H, N = q_nope.shape
     R = q_pe.shape[-1]
     L = latents.shape[-1] - R
@@ -128,16 +128,16 @@ def _flash(q_nope, q_pe, latents, slots, ctx_len: int, kv_b_weight, scale: float
             kv = lat.view(1, 1, t, D)
             out, lse = _FLASH_CPU(query.view(1, 1, H * q, D), kv, kv, 0.0, False, scale=scale)
             return out.view(1, H, q, D).float(), lse.view(1, H, q).float()
+        if absorbed:  # the chunk's own square block: the causal mask needs the heads apart, keys shared
+            keys = lat.expand(1, H, t, D).contiguous()
+            out, lse = _FLASH_CPU(query, keys, keys, 0.0, causal, scale=scale)
+            return out.float(), lse.float()
         keys = torch.empty(1, H, t, D, dtype=dtype, device=lat.device)
         vals = torch.zeros(1, H, t, D, dtype=dtype, device=lat.device)
-        if absorbed:  # one latent key per token, shared by the heads
-            keys[0] = lat
-            vals[0, :, :, :L] = lat[:, :L]
-        else:
-            kv = torch.matmul(lat[:, :L], w_t)  # [H, t, N+V]: the block's per-head keys and values
-            keys[0, :, :, :N] = kv[..., :N]
-            keys[0, :, :, N:] = lat[:, L:]  # the shared rope key
-            vals[0, :, :, :V] = kv[..., N:]
+        kv = torch.matmul(lat[:, :L], w_t)  # [H, t, N+V]: the block's per-head keys and values
+        keys[0, :, :, :N] = kv[..., :N]
+        keys[0, :, :, N:] = lat[:, L:]  # the shared rope key
+        vals[0, :, :, :V] = kv[..., N:]
         out, lse = _FLASH_CPU(query, keys, vals, 0.0, causal, scale=scale)
         return out.float(), lse.float()  # [1, H, q, D], [1, H, q]
 
