@@ -238,6 +238,60 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+# -- edge --------------------------------------------------------------------------------------------------------------
+def _edge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="the Serve deploy file behind the edge (e.g. deploy/config.yaml): the "
+                   "upstream is its http_options host:port, the in-flight cap its model groups' largest capacity")
+    p.add_argument("--listen", default="0.0.0.0:8080", help="PORT or HOST:PORT the edge listens on (default "
+                   "0.0.0.0:8080)")
+    p.add_argument("--upstream", help="Serve's HTTP proxy, HOST:PORT (default from the deploy file, else "
+                   "127.0.0.1:8000)")
+    p.add_argument("--max-requests", type=int, help="generation requests in flight through the edge; more are "
+                   "refused at once with 503 (default from the deploy file, else 96)")
+    p.add_argument("--max-per-client", type=int, help="connections per client address (default 256)")
+    p.add_argument("--header-timeout", help="time to receive a request head (default 10s)")
+    p.add_argument("--body-timeout", help="time between two reads of a request body (default 10s)")
+    p.add_argument("--print-config", action="store_true", help="print the nginx configuration and exit")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _edge_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from k2ray import edge
+
+    overrides = {"listen": args.listen, "upstream": args.upstream, "max_requests": args.max_requests,
+                 "max_per_client": args.max_per_client, "header_timeout": args.header_timeout,
+                 "body_timeout": args.body_timeout}
+    if args.config:
+        settings = edge.settings_from_deploy(Path(args.config), **overrides)
+    else:
+        settings = edge.EdgeSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if args.print_config:
+        print(edge.render(settings), end="")
+        return 0
+    import signal
+
+    proc = edge.start(settings)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` of this command stops its nginx too
+    print(f"k2ray edge: listening on {settings.listen}, forwarding to {settings.upstream}; at most "
+          f"{settings.max_requests} generation requests in flight and {settings.max_per_client} connections per "
+          f"client, request heads within {settings.header_timeout} (Ctrl-C stops it)", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return 0
+
+
+register("edge", "run nginx in front of the Serve proxy: slow-client timeouts, connection caps, instant refusal",
+         _edge_args, _edge_run)
+
+
 # -- entry point -------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2ray", description="Serve Kimi K2 on Ray.")
