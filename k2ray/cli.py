@@ -251,6 +251,7 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-per-client", type=int, help="connections per client address (default 256)")
     p.add_argument("--header-timeout", help="time to receive a request head (default 10s)")
     p.add_argument("--body-timeout", help="time between two reads of a request body (default 10s)")
+    p.add_argument("--max-body", help="largest request body, an nginx size (default from the deploy file, else 16m)")
     p.add_argument("--print-config", action="store_true", help="print the nginx configuration and exit")
 
 
@@ -265,7 +266,7 @@ def _edge_run(args: argparse.Namespace) -> int:
 
     overrides = {"listen": args.listen, "upstream": args.upstream, "max_requests": args.max_requests,
                  "max_per_client": args.max_per_client, "header_timeout": args.header_timeout,
-                 "body_timeout": args.body_timeout}
+                 "body_timeout": args.body_timeout, "max_body": args.max_body}
     if args.config:
         settings = edge.settings_from_deploy(Path(args.config), **overrides)
     else:

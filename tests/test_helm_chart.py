@@ -540,18 +540,20 @@ def test_kimi_layout_and_memory_sizing(chart):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_default_renders_only_the_rayservice(chart):
-    assert [o["kind"] for o in case_objects(chart, "default")] == ["RayService"]
+def test_default_renders_the_rayservice_and_the_edge(chart):
+    assert sorted(o["kind"] for o in case_objects(chart, "default")) == ["ConfigMap", "RayService"]
+    assert [o["kind"] for o in objects(chart, {"edge": {"enabled": False}})] == ["RayService"]
 
 
 def test_optional_objects(chart):
     objs = case_objects(chart, "default+features")
     kinds = sorted(o["kind"] for o in objs)
-    assert kinds == ["ConfigMap", "Ingress", "PodMonitor", "RayService", "Secret", "Service", "ServiceMonitor"]
+    assert kinds == ["ConfigMap", "ConfigMap", "Ingress", "PodMonitor", "RayService", "Secret", "Service",
+                     "ServiceMonitor"]
     rs = rayservice(objs)
     svc = rs["spec"]["serveService"]
     assert svc["spec"]["type"] == "LoadBalancer"
-    assert svc["spec"]["ports"] == [{"name": "serve", "port": 80, "targetPort": 8000, "protocol": "TCP"}]
+    assert svc["spec"]["ports"] == [{"name": "serve", "port": 80, "targetPort": "edge", "protocol": "TCP"}]
     ing = one(objs, "Ingress")
     backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": svc["metadata"]["name"], "port": {"number": 80}}
@@ -582,11 +584,64 @@ def test_optional_objects(chart):
 
 
 def test_grafana_dashboard_configmap(chart):
-    cm = one(case_objects(chart, "default+features"), "ConfigMap")
+    cm = next(o for o in case_objects(chart, "default+features")
+              if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"]["labels"])
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["annotations"]["grafana_folder"] == "LLM"
     chart_copy = json.loads((CHART / "dashboards" / "k2ray.json").read_text())
     assert json.loads(cm["data"]["k2ray.json"]) == chart_copy
+
+
+def _edge_configmap(objs: list[dict]) -> dict:
+    return next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-edge"))
+
+
+def test_edge_sidecar_fronts_every_serve_proxy(chart):
+    """Every Ray pod (each may run a Serve proxy) has the nginx edge beside it, filled in from the same template as
+    `k2ray edge`, with the limits `k2ray edge deploy/config.yaml` would use; the OpenAI Service targets the edge."""
+    from k2ray import edge
+
+    objs = case_objects(chart, "default")
+    rs = rayservice(objs)
+    svc = rs["spec"]["serveService"]
+    assert svc["metadata"]["name"] == f"{rs['metadata']['name']}-serve-svc"  # the name KubeRay would give it
+    assert svc["spec"]["ports"] == [{"name": "serve", "port": 8000, "targetPort": "edge", "protocol": "TCP"}]
+    template = _edge_configmap(objs)["data"]["k2ray-edge.conf.template"]
+    assert template == edge.TEMPLATE.read_text()
+    expected = edge.settings_from_deploy(ROOT / "deploy" / "config.yaml", listen="8001",
+                                         max_body="16m").environment()
+    expected["K2RAY_EDGE_UPSTREAM"] = "127.0.0.1:8000"  # the pod's own proxy
+    for name, pod in pod_templates(rs).items():
+        containers = pod["spec"]["containers"]
+        assert containers[0]["name"].startswith("ray-"), name  # KubeRay runs `ray start` in the first container
+        side = next(c for c in containers if c["name"] == "edge")
+        env = {e["name"]: e["value"] for e in side["env"]}
+        assert env.pop("NGINX_ENVSUBST_FILTER") == "^K2RAY_EDGE_"
+        assert env == expected, name
+        assert side["ports"] == [{"name": "edge", "containerPort": 8001}]
+        mounts = {m["mountPath"]: m["name"] for m in side["volumeMounts"]}
+        assert mounts == {"/etc/nginx/templates": "edge-template", "/etc/nginx/conf.d": "edge-conf"}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["edge-template"]["configMap"]["name"] == _edge_configmap(objs)["metadata"]["name"]
+        edge.fill(template, env)  # every variable the template uses is set
+    # An explicit cap wins; the K2-Thinking values compute theirs from their own args.
+    capped = rayservice(objects(chart, {"edge": {"maxRequests": 500}}))
+    side = next(c for c in pod_templates(capped)["head"]["spec"]["containers"] if c["name"] == "edge")
+    assert {e["name"]: e["value"] for e in side["env"]}["K2RAY_EDGE_MAX_REQUESTS"] == "500"
+    # Off: no sidecar, no ConfigMap, and KubeRay's own Service on the proxy port.
+    off = rayservice(objects(chart, {"edge": {"enabled": False}}))
+    assert "serveService" not in off["spec"]
+    for pod in pod_templates(off).values():
+        assert [c["name"] for c in pod["spec"]["containers"]] == [pod["spec"]["containers"][0]["name"]]
+
+
+def test_edge_template_copy_in_sync():
+    """Helm cannot read files outside the chart, so the chart keeps a copy of the edge template."""
+    chart_copy = CHART / "files" / "edge-nginx.conf.template"
+    source = ROOT / "k2ray" / "assets" / "edge" / "nginx.conf.template"
+    assert chart_copy.read_bytes() == source.read_bytes(), (
+        "helm/k2ray/files/edge-nginx.conf.template differs from k2ray/assets/edge/nginx.conf.template: "
+        "cp k2ray/assets/edge/nginx.conf.template helm/k2ray/files/edge-nginx.conf.template")
 
 
 def test_dashboard_copy_in_sync():
@@ -763,6 +818,8 @@ BAD_VALUES = {
     "unknown top-level key": ({"workergroups": {}}, "workergroups"),
     "ingress without hosts": ({"ingress": {"enabled": True, "hosts": []}}, "/ingress/hosts"),
     "bad scrape interval": ({"monitoring": {"interval": "often"}}, "/monitoring/interval"),
+    "bad edge timeout": ({"edge": {"headerTimeout": "ten seconds"}}, "/edge/headerTimeout"),
+    "zero edge cap": ({"edge": {"maxRequests": 0}}, "/edge/maxRequests"),
 }
 
 

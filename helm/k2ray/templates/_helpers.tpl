@@ -49,6 +49,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.service.enabled -}}{{ .Values.service.port }}{{- else -}}{{ .Values.serve.port }}{{- end -}}
 {{- end -}}
 
+{{/* The edge's in-flight cap: edge.maxRequests, or the model groups' largest capacity (as `k2ray edge` computes it
+from a deploy file: (max_num_seqs + max_queued_requests) x K2Router max replicas; ServeArgs' defaults 64 and 256). */}}
+{{- define "k2ray.edgeMaxRequests" -}}
+{{- if .Values.edge.maxRequests -}}
+{{- .Values.edge.maxRequests -}}
+{{- else -}}
+{{- $a := .Values.serve.args -}}
+{{- $engine := $a.engine | default dict -}}
+{{- $router := index (.Values.serve.deployments | default dict) "K2Router" | default dict -}}
+{{- $scaling := $router.autoscaling_config | default dict -}}
+{{- $groups := $scaling.max_replicas | default $router.num_replicas | default 1 -}}
+{{- mul (add ($engine.max_num_seqs | default 64) ($a.max_queued_requests | default 256)) $groups -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "k2ray.apiKeysSecretName" -}}
 {{- if .Values.apiKeys.existingSecret -}}
 {{- .Values.apiKeys.existingSecret -}}
@@ -368,9 +383,63 @@ spec:
         {{- with $root.Values.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+    {{- if $root.Values.edge.enabled }}
+    {{- $e := $root.Values.edge }}
+    # k2ray's edge: nginx in front of this pod's Serve proxy. The image's entrypoint fills in the template mounted
+    # under /etc/nginx/templates from the K2RAY_EDGE_* variables (and only those: NGINX_ENVSUBST_FILTER).
+    - name: edge
+      image: "{{ $e.image.repository }}:{{ $e.image.tag }}"
+      imagePullPolicy: {{ $e.image.pullPolicy }}
+      env:
+        - name: NGINX_ENVSUBST_FILTER
+          value: "^K2RAY_EDGE_"
+        - name: K2RAY_EDGE_LISTEN
+          value: {{ $e.port | quote }}
+        - name: K2RAY_EDGE_UPSTREAM
+          value: {{ printf "127.0.0.1:%v" $root.Values.serve.port | quote }}
+        - name: K2RAY_EDGE_MAX_REQUESTS
+          value: {{ include "k2ray.edgeMaxRequests" $root | quote }}
+        - name: K2RAY_EDGE_MAX_PER_CLIENT
+          value: {{ $e.maxPerClient | quote }}
+        - name: K2RAY_EDGE_HEADER_TIMEOUT
+          value: {{ $e.headerTimeout | quote }}
+        - name: K2RAY_EDGE_BODY_TIMEOUT
+          value: {{ $e.bodyTimeout | quote }}
+        - name: K2RAY_EDGE_MAX_BODY
+          value: {{ $e.maxBody | quote }}
+        - name: K2RAY_EDGE_KEEPALIVE_TIMEOUT
+          value: {{ printf "%vs" ($root.Values.serve.httpOptions.keep_alive_timeout_s | default 65) | quote }}
+        - name: K2RAY_EDGE_READ_TIMEOUT
+          value: {{ printf "%vs" (add ($root.Values.serve.httpOptions.request_timeout_s | default 600) 60) | quote }}
+      ports:
+        - name: edge
+          containerPort: {{ $e.port }}
+      readinessProbe:
+        tcpSocket:
+          port: edge
+        periodSeconds: 10
+      {{- with $e.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: edge-template
+          mountPath: /etc/nginx/templates
+          readOnly: true
+        # The filled-in configuration goes here; an empty directory also drops the image's default server on port 80.
+        - name: edge-conf
+          mountPath: /etc/nginx/conf.d
+    {{- end }}
   volumes:
     - name: ray-logs
       emptyDir: {}
+    {{- if $root.Values.edge.enabled }}
+    - name: edge-template
+      configMap:
+        name: {{ include "k2ray.fullname" $root }}-edge
+    - name: edge-conf
+      emptyDir: {}
+    {{- end }}
     {{- if $g.shm.enabled }}
     # Shared memory: the Ray object store and NCCL's intra-node transport live in /dev/shm.
     - name: dshm
