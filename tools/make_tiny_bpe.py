@@ -515,6 +515,8 @@ def tokenizer_config_bytes(n_base: int = N_BASE) -> bytes:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 262144,
         "tokenizer_class": "TikTokenTokenizer",
+        # As in Kimi's releases: AutoTokenizer(trust_remote_code=True) loads the checkpoint's tokenization_kimi.py.
+        "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
     }
     return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import zlib
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def tiny_config(base_vocab: int = TINY_BASE_VOCAB) -> dict:
     """The DESIGN.md tiny shape with K2-Thinking's rope scaling, routing and special-token layout."""
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
+        # As in Kimi's K2 releases: transformers does not know model_type kimi_k2; the checkpoint's own
+        # configuration_deepseek.py (written beside config.json) declares it.
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
         "model_type": "kimi_k2",
         "vocab_size": base_vocab + 256,
         "hidden_size": 256,
@@ -172,6 +176,9 @@ def _write_metadata(out: Path, config: dict, weight_map: dict[str, str], total: 
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for module in set((config.get("auto_map") or {}).values()):  # the configuration class config.json names
+        name = module.split(".")[0] + ".py"
+        shutil.copyfile(Path(__file__).parent / "data" / name, out / name)
     gen = {
         "bos_token_id": args.bos_token_id,
         "eos_token_id": [args.bos_token_id + 1, args.bos_token_id + 2],
@@ -228,7 +235,7 @@ def tiny_k25_config(base_vocab: int = TINY_BASE_VOCAB) -> dict:
     """The tiny text model nested as Kimi K2.5 releases it, with a tiny MoonViT."""
     text = dict(tiny_config(base_vocab))
     quant = text.pop("quantization_config")
-    for k in ("architectures", "transformers_version", "torch_dtype"):
+    for k in ("architectures", "auto_map", "transformers_version", "torch_dtype"):
         text.pop(k)
     return {
         "architectures": ["KimiK25ForConditionalGeneration"],

@@ -20,7 +20,7 @@ import shutil
 __all__ = ["TOKENIZER_FILES", "DATA_DIR", "write_tokenizer_files", "write_k25_files"]
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "tokenization_kimi.py")
 
 
 TINY_BASE_TOKENS = 2048
