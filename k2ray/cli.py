@@ -246,6 +246,8 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
                    "0.0.0.0:8080)")
     p.add_argument("--upstream", help="Serve's HTTP proxy, HOST:PORT (default from the deploy file, else "
                    "127.0.0.1:8000)")
+    p.add_argument("--direct", help="the ingress replicas' own HTTP ports (Serve's direct ingress), HOST:FIRST-LAST, "
+                   "tried before the proxy (default from the deploy file)")
     p.add_argument("--max-requests", type=int, help="generation requests in flight through the edge; more are "
                    "refused at once with 503 (default from the deploy file, else 96)")
     p.add_argument("--max-per-client", type=int, help="connections per client address (default 256)")
@@ -264,7 +266,7 @@ def _edge_run(args: argparse.Namespace) -> int:
 
     from k2ray import edge
 
-    overrides = {"listen": args.listen, "upstream": args.upstream, "max_requests": args.max_requests,
+    overrides = {"listen": args.listen, "upstream": args.upstream, "direct": args.direct, "max_requests": args.max_requests,
                  "max_per_client": args.max_per_client, "header_timeout": args.header_timeout,
                  "body_timeout": args.body_timeout, "max_body": args.max_body}
     if args.config:
@@ -278,7 +280,8 @@ def _edge_run(args: argparse.Namespace) -> int:
 
     proc = edge.start(settings)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` of this command stops its nginx too
-    print(f"k2ray edge: listening on {settings.listen}, forwarding to {settings.upstream}; at most "
+    to = f"{settings.direct} (the ingress replicas), else {settings.upstream}" if settings.direct else settings.upstream
+    print(f"k2ray edge: listening on {settings.listen}, forwarding to {to}; at most "
           f"{settings.max_requests} generation requests in flight and {settings.max_per_client} connections per "
           f"client, request heads within {settings.header_timeout} (Ctrl-C stops it)", flush=True)
     try:

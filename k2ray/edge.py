@@ -20,6 +20,10 @@ TEMPLATE = Path(__file__).parent / "assets" / "edge" / "nginx.conf.template"
 _VAR = re.compile(r"\$\{(K2RAY_EDGE_[A-Z_]+)\}")
 _DURATION = re.compile(r"\d+(ms|s|m|h)?")
 _SIZE = re.compile(r"\d+[kKmMgG]?")
+_DIRECT = re.compile(r"([\w.\-\[\]:]+):(\d+)-(\d+)")
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+DIRECT_PORT_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+DIRECT_FIRST_PORT = 30000  # Ray Serve's default first direct-ingress HTTP port
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,9 @@ class EdgeSettings:
 
     listen: str = "0.0.0.0:8080"          # nginx `listen`: PORT or HOST:PORT
     upstream: str = "127.0.0.1:8000"      # Serve's HTTP proxy, HOST:PORT
+    # The ingress replicas' own HTTP servers (Serve's direct ingress), HOST:FIRST-LAST: tried first, with the proxy
+    # as the backup; empty: the proxy only.
+    direct: str = ""
     max_requests: int = 96                # generation requests in flight through this edge
     max_per_client: int = 256             # connections per client address
     header_timeout: str = "10s"
@@ -38,8 +45,8 @@ class EdgeSettings:
 
     def __post_init__(self):
         for name in ("max_requests", "max_per_client"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"edge {name} must be at least 1, got {getattr(self, name)}")
+            if not 1 <= int(getattr(self, name)) <= 65535:  # nginx's limit_conn range
+                raise ValueError(f"edge {name} must be between 1 and 65535, got {getattr(self, name)}")
         for name in ("header_timeout", "body_timeout", "keepalive_timeout", "read_timeout"):
             if not _DURATION.fullmatch(str(getattr(self, name))):
                 raise ValueError(f"edge {name} must be an nginx duration such as 10s, got {getattr(self, name)!r}")
@@ -49,10 +56,25 @@ class EdgeSettings:
             value = str(getattr(self, name))
             if not value or any(c in value for c in " ;{}'\"\n"):
                 raise ValueError(f"edge {name} must be PORT or HOST:PORT, got {value!r}")
+        m = _DIRECT.fullmatch(self.direct) if self.direct else None
+        if self.direct and (m is None or int(m.group(2)) > int(m.group(3))):
+            raise ValueError(f"edge direct must be HOST:FIRST-LAST (e.g. 127.0.0.1:30000-30003), got {self.direct!r}")
+
+    def servers(self) -> str:
+        """The upstream's ``server`` directives: the direct ports round-robin (a port with no replica behind it is
+        skipped for 5 s after one refused connection), then Serve's proxy as the backup."""
+        if not self.direct:
+            return f"server {self.upstream};"
+        m = _DIRECT.fullmatch(self.direct)
+        host, first, last = m.group(1), int(m.group(2)), int(m.group(3))
+        direct = [f"server {host}:{port} max_fails=1 fail_timeout=30s;" for port in range(first, last + 1)]
+        return " ".join(direct + [f"server {self.upstream} backup;"])
 
     def environment(self) -> dict[str, str]:
-        """The variables as the sidecar's environment holds them."""
-        return {f"K2RAY_EDGE_{k.upper()}": str(v) for k, v in asdict(self).items()}
+        """The template's variables, as the sidecar's environment holds them."""
+        env = {f"K2RAY_EDGE_{k.upper()}": str(v) for k, v in asdict(self).items() if k not in ("upstream", "direct")}
+        env["K2RAY_EDGE_SERVERS"] = self.servers()
+        return env
 
 
 def render(settings: EdgeSettings, template: Optional[str] = None) -> str:
@@ -106,13 +128,24 @@ def start(settings: EdgeSettings, run_dir: Optional[Path] = None) -> subprocess.
     check = subprocess.run([nginx, "-t", "-q", "-e", "stderr", "-p", str(run_dir), "-c", str(main)], capture_output=True, text=True)
     if check.returncode != 0:
         lines = [line for line in check.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"nginx rejected the edge configuration: {lines[-1] if lines else 'unknown error'}")
+        why = next((line.split("] ", 1)[-1] for line in lines if "[emerg]" in line), lines[-1] if lines else "")
+        raise RuntimeError(f"nginx rejected the edge configuration: {why or 'unknown error'}")
     return subprocess.Popen([nginx, "-e", "stderr", "-p", str(run_dir), "-c", str(main)])
+
+
+def _max_replicas(app: dict, deployment: str) -> int:
+    for d in app.get("deployments") or []:
+        if d.get("name") == deployment:
+            scaling = d.get("autoscaling_config") or {}
+            return int(scaling.get("max_replicas") or d.get("num_replicas") or 1)
+    return 1
 
 
 def settings_from_deploy(path: Path, **overrides) -> EdgeSettings:
     """Edge settings for a Serve deploy file (``deploy/config.yaml``): the upstream is its ``http_options`` host and
-    port (all interfaces -> loopback), and the in-flight cap is what its model groups hold at their largest
+    port (all interfaces -> loopback), with the ingress replicas' own ports first when the application turns Serve's
+    direct ingress on (``runtime_env.env_vars.RAY_SERVE_ENABLE_DIRECT_INGRESS: "1"``); the in-flight cap is what its
+    model groups hold at their largest
     (``max_num_seqs + max_queued_requests`` per group, times the K2Router deployment's most replicas). Below that
     cap the ingress still refuses exactly, by the groups that are ready; the edge's cap keeps a burst past the
     largest size from reaching Serve at all."""
@@ -130,14 +163,17 @@ def settings_from_deploy(path: Path, **overrides) -> EdgeSettings:
         raise ValueError(f"{path}: no application with a k2ray import_path")
     app = apps[0]
     args = ServeArgs(**(app.get("args") or {}))
-    routers = [d for d in app.get("deployments") or [] if d.get("name") == "K2Router"]
-    groups = 1
-    if routers:
-        scaling = routers[0].get("autoscaling_config") or {}
-        groups = int(scaling.get("max_replicas") or routers[0].get("num_replicas") or 1)
+    groups = _max_replicas(app, "K2Router")
     host = str(http.get("host", "127.0.0.1"))
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    values = {"upstream": f"{host}:{int(http.get('port', 8000))}",
+    env = ((app.get("runtime_env") or {}).get("env_vars") or {})
+    direct = ""
+    if str(env.get(DIRECT_INGRESS_ENV, "0")) == "1":
+        # Each ingress replica of a node takes the next free port from the first one; twice the most replicas
+        # leaves room for ports still held by replicas being replaced.
+        first = int(env.get(DIRECT_PORT_ENV, DIRECT_FIRST_PORT))
+        direct = f"{host}:{first}-{first + 2 * _max_replicas(app, 'OpenAIIngress') - 1}"
+    values = {"upstream": f"{host}:{int(http.get('port', 8000))}", "direct": direct,
               "max_requests": (args.engine.max_num_seqs + args.max_queued_requests) * groups,
               "max_body": f"{max(1, -(-args.max_request_bytes // (1 << 20)))}m",
               "read_timeout": f"{int(http.get('request_timeout_s') or 600) + 60}s"}

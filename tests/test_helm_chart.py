@@ -580,7 +580,8 @@ def test_optional_objects(chart):
     assert cluster["autoscalerOptions"]["version"] == "v2"
     assert rs["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
     assert rs["spec"]["rayClusterDeletionDelaySeconds"] == 120
-    assert serve_config(objs)["applications"][0]["runtime_env"] == {"env_vars": {"K2RAY_PROGRESS": "0"}}
+    assert serve_config(objs)["applications"][0]["runtime_env"] == {
+        "env_vars": {"K2RAY_PROGRESS": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}}  # the edge's direct ingress
 
 
 def test_grafana_dashboard_configmap(chart):
@@ -610,7 +611,10 @@ def test_edge_sidecar_fronts_every_serve_proxy(chart):
     assert template == edge.TEMPLATE.read_text()
     expected = edge.settings_from_deploy(ROOT / "deploy" / "config.yaml", listen="8001",
                                          max_body="16m").environment()
-    expected["K2RAY_EDGE_UPSTREAM"] = "127.0.0.1:8000"  # the pod's own proxy
+    assert expected["K2RAY_EDGE_SERVERS"] == (  # the pod's ingress replicas, then its own proxy
+        "server 127.0.0.1:30000 max_fails=1 fail_timeout=30s; server 127.0.0.1:30001 max_fails=1 fail_timeout=30s; "
+        "server 127.0.0.1:30002 max_fails=1 fail_timeout=30s; server 127.0.0.1:30003 max_fails=1 fail_timeout=30s; "
+        "server 127.0.0.1:8000 backup;")
     for name, pod in pod_templates(rs).items():
         containers = pod["spec"]["containers"]
         assert containers[0]["name"].startswith("ray-"), name  # KubeRay runs `ray start` in the first container
@@ -628,9 +632,11 @@ def test_edge_sidecar_fronts_every_serve_proxy(chart):
     capped = rayservice(objects(chart, {"edge": {"maxRequests": 500}}))
     side = next(c for c in pod_templates(capped)["head"]["spec"]["containers"] if c["name"] == "edge")
     assert {e["name"]: e["value"] for e in side["env"]}["K2RAY_EDGE_MAX_REQUESTS"] == "500"
-    # Off: no sidecar, no ConfigMap, and KubeRay's own Service on the proxy port.
-    off = rayservice(objects(chart, {"edge": {"enabled": False}}))
+    # Off: no sidecar, no ConfigMap, no direct ingress, and KubeRay's own Service on the proxy port.
+    off_objs = objects(chart, {"edge": {"enabled": False}})
+    off = rayservice(off_objs)
     assert "serveService" not in off["spec"]
+    assert "runtime_env" not in serve_config(off_objs)["applications"][0]
     for pod in pod_templates(off).values():
         assert [c["name"] for c in pod["spec"]["containers"]] == [pod["spec"]["containers"][0]["name"]]
 

@@ -39,6 +39,7 @@ ARGS = {
     "max_queued_requests": CAPACITY - 2,
 }
 HEADER_TIMEOUT_S = 2
+DIRECT_PORT = 30400  # first port of the ingress replicas' own HTTP servers (Serve's direct ingress) in this module
 
 
 def _edge_command(*args: str) -> list[str]:
@@ -47,7 +48,11 @@ def _edge_command(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    with serve_app(ARGS, tmp_path_factory.mktemp("k2ray-cache")) as url:
+    """The app with Serve's direct ingress on, as deploy/config.yaml has it: the ingress replica also answers HTTP
+    on its own port (from DIRECT_PORT)."""
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_PORT)}
+    with serve_app(ARGS, tmp_path_factory.mktemp("k2ray-cache"), runtime_env={"env_vars": env}) as url:
+        wait_until(lambda: _status(f"http://127.0.0.1:{DIRECT_PORT}/health") == 200, 60, 0.5, "direct ingress")
         yield url
 
 
@@ -56,7 +61,7 @@ def edge_url(app):
     """`k2ray edge` in front of the app: cap = the app's capacity, 2 s header timeout, 1 MB bodies."""
     port = free_port()
     proc = subprocess.Popen(_edge_command("--listen", f"127.0.0.1:{port}", "--upstream", app.removeprefix("http://"),
-                                          "--max-requests", str(CAPACITY), "--header-timeout",
+                                          "--direct", f"127.0.0.1:{DIRECT_PORT}-{DIRECT_PORT + 1}", "--max-requests", str(CAPACITY), "--header-timeout",
                                           f"{HEADER_TIMEOUT_S}s", "--body-timeout", f"{HEADER_TIMEOUT_S}s",
                                           "--max-body", "1m"))
     url = f"http://127.0.0.1:{port}"
@@ -110,6 +115,31 @@ async def _slow_client(port: int, first: bytes) -> float:
     finally:
         writer.close()
     return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("route", ["direct ports alone", "proxy backing up missing direct ports"])
+def test_edge_reaches_the_app_either_way(app, route):
+    """The edge serves through the ingress replica's own port with the proxy down, and through the proxy when no
+    replica answers on the direct ports."""
+    dead = free_port()
+    if route == "direct ports alone":
+        settings = edge.EdgeSettings(listen=f"127.0.0.1:{free_port()}", upstream=f"127.0.0.1:{dead}",
+                                     direct=f"127.0.0.1:{DIRECT_PORT}-{DIRECT_PORT}")
+    else:
+        settings = edge.EdgeSettings(listen=f"127.0.0.1:{free_port()}", upstream=app.removeprefix("http://"),
+                                     direct=f"127.0.0.1:{dead}-{dead}")
+    url = "http://" + settings.listen
+    proc = edge.start(settings)
+    try:
+        wait_until(lambda: _status(url + "/health") == 200, 20, 0.2, "the edge")
+        body = {"model": MODEL, "prompt": "Count to five", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        through = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        direct = httpx.post(app + "/v1/completions", json=body, timeout=60).json()
+        assert through["choices"][0]["text"] == direct["choices"][0]["text"]
+        assert through["usage"]["completion_tokens"] == 8
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_slow_clients_are_closed_after_the_header_timeout(edge_url):
@@ -239,10 +269,12 @@ def test_deploy_file_settings_and_config_check():
     """`k2ray edge deploy/config.yaml` forwards to the deploy file's proxy with its capacity as the cap, and nginx
     accepts the configuration it prints."""
     s = edge.settings_from_deploy(ROOT / "deploy" / "config.yaml")
-    assert (s.upstream, s.max_requests, s.max_body, s.read_timeout) == ("127.0.0.1:8000", 96, "4m", "660s")
+    assert (s.upstream, s.direct, s.max_requests, s.max_body, s.read_timeout) == (
+        "127.0.0.1:8000", "127.0.0.1:30000-30003", 96, "4m", "660s")  # 2 ingress replicas at most: 4 ports
     out = subprocess.run(_edge_command(str(ROOT / "deploy" / "config.yaml"), "--print-config"), capture_output=True,
                          text=True, check=True).stdout
-    assert "server 127.0.0.1:8000;" in out and "limit_conn k2ray_generation 96;" in out and not re.search(r"\$\{K2RAY_EDGE_[A-Z_]+\}", out)
+    assert "server 127.0.0.1:30000 max_fails=1 fail_timeout=30s;" in out and "server 127.0.0.1:8000 backup;" in out
+    assert "limit_conn k2ray_generation 96;" in out and not re.search(r"\$\{K2RAY_EDGE_[A-Z_]+\}", out)
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"k2ray-edge-check-{os.getpid()}"
     main = edge.write_config(s, run_dir)
     check = subprocess.run([edge.nginx_binary(), "-t", "-e", "stderr", "-p", str(run_dir), "-c", str(main)],
@@ -252,8 +284,9 @@ def test_deploy_file_settings_and_config_check():
 
 @pytest.mark.parametrize("argv, message", [
     (["--header-timeout", "soon"], "edge header_timeout must be an nginx duration such as 10s, got 'soon'"),
-    (["--max-requests", "0"], "edge max_requests must be at least 1, got 0"),
+    (["--max-requests", "0"], "edge max_requests must be between 1 and 65535, got 0"),
     (["--upstream", "a b"], "edge upstream must be PORT or HOST:PORT, got 'a b'"),
+    (["--direct", "127.0.0.1:30003-30000"], "edge direct must be HOST:FIRST-LAST"),
     (["no-such-deploy.yaml"], "no-such-deploy.yaml: cannot read the deploy file"),
 ])
 def test_bad_arguments_are_one_line(argv, message):

@@ -64,6 +64,20 @@ from a deploy file: (max_num_seqs + max_queued_requests) x K2Router max replicas
 {{- end -}}
 {{- end -}}
 
+{{/* The edge's upstream servers, as `k2ray edge` writes them for a deploy file with direct ingress: the ingress
+replicas' own ports (from 30000, twice the most ingress replicas) round-robin, the pod's Serve proxy as the backup. */}}
+{{- define "k2ray.edgeServers" -}}
+{{- $ingress := index (.Values.serve.deployments | default dict) "OpenAIIngress" | default dict -}}
+{{- $scaling := $ingress.autoscaling_config | default dict -}}
+{{- $replicas := $scaling.max_replicas | default $ingress.num_replicas | default 1 -}}
+{{- $servers := list -}}
+{{- range $i := until (mul 2 $replicas | int) -}}
+{{- $servers = append $servers (printf "server 127.0.0.1:%d max_fails=1 fail_timeout=30s;" (add 30000 $i)) -}}
+{{- end -}}
+{{- $servers = append $servers (printf "server 127.0.0.1:%v backup;" .Values.serve.port) -}}
+{{- join " " $servers -}}
+{{- end -}}
+
 {{- define "k2ray.apiKeysSecretName" -}}
 {{- if .Values.apiKeys.existingSecret -}}
 {{- .Values.apiKeys.existingSecret -}}
@@ -101,8 +115,15 @@ overridden with --set, rendered as Serve's list with OpenAIIngress and K2Router 
 {{- end -}}
 {{- end -}}
 {{- $app := dict "name" $s.applicationName "route_prefix" $s.routePrefix "import_path" $s.importPath "args" $s.args "deployments" $deployments -}}
-{{- if $s.runtimeEnv -}}
-{{- $_ := set $app "runtime_env" $s.runtimeEnv -}}
+{{- $runtimeEnv := deepCopy ($s.runtimeEnv | default dict) -}}
+{{- if .Values.edge.enabled -}}
+{{- /* Serve's direct ingress: each ingress replica answers HTTP on its own port, where the edge sends clients. */ -}}
+{{- $envVars := $runtimeEnv.env_vars | default dict -}}
+{{- $_ := set $envVars "RAY_SERVE_ENABLE_DIRECT_INGRESS" "1" -}}
+{{- $_ := set $runtimeEnv "env_vars" $envVars -}}
+{{- end -}}
+{{- if $runtimeEnv -}}
+{{- $_ := set $app "runtime_env" $runtimeEnv -}}
 {{- end -}}
 {{- if $s.applicationLoggingConfig -}}
 {{- $_ := set $app "logging_config" $s.applicationLoggingConfig -}}
@@ -395,8 +416,8 @@ spec:
           value: "^K2RAY_EDGE_"
         - name: K2RAY_EDGE_LISTEN
           value: {{ $e.port | quote }}
-        - name: K2RAY_EDGE_UPSTREAM
-          value: {{ printf "127.0.0.1:%v" $root.Values.serve.port | quote }}
+        - name: K2RAY_EDGE_SERVERS
+          value: {{ include "k2ray.edgeServers" $root | quote }}
         - name: K2RAY_EDGE_MAX_REQUESTS
           value: {{ include "k2ray.edgeMaxRequests" $root | quote }}
         - name: K2RAY_EDGE_MAX_PER_CLIENT
