@@ -1,5 +1,6 @@
-"""The edge: nginx in front of Ray Serve's HTTP proxy, for the limits the proxy does not have (slow clients,
-connections per client, an instant refusal over an in-flight cap). See ``assets/edge/nginx.conf.template``.
+"""The edge: nginx in front of the Serve application, for the limits Ray Serve's HTTP proxy does not have (slow
+clients, connections per client, an instant refusal over an in-flight cap), forwarding to the ingress replicas' own
+HTTP servers (Serve's direct ingress) with the proxy as the fallback. See ``assets/edge/nginx.conf.template``.
 
 One template serves both deployments: the Helm chart's nginx sidecar fills it in from its environment (the official
 image's envsubst step), and ``k2ray edge`` fills it in here and runs the system's nginx in the foreground.
@@ -57,12 +58,13 @@ class EdgeSettings:
             if not value or any(c in value for c in " ;{}'\"\n"):
                 raise ValueError(f"edge {name} must be PORT or HOST:PORT, got {value!r}")
         m = _DIRECT.fullmatch(self.direct) if self.direct else None
-        if self.direct and (m is None or int(m.group(2)) > int(m.group(3))):
-            raise ValueError(f"edge direct must be HOST:FIRST-LAST (e.g. 127.0.0.1:30000-30003), got {self.direct!r}")
+        if self.direct and (m is None or not 0 <= int(m.group(3)) - int(m.group(2)) < 64):
+            raise ValueError(f"edge direct must be HOST:FIRST-LAST, at most 64 ports (e.g. 127.0.0.1:30000-30003), "
+                             f"got {self.direct!r}")
 
     def servers(self) -> str:
         """The upstream's ``server`` directives: the direct ports round-robin (a port with no replica behind it is
-        skipped for 5 s after one refused connection), then Serve's proxy as the backup."""
+        skipped for 30 s after one refused connection), then Serve's proxy as the backup."""
         if not self.direct:
             return f"server {self.upstream};"
         m = _DIRECT.fullmatch(self.direct)
