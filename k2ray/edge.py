@@ -93,8 +93,9 @@ def fill(template: str, env: dict[str, str]) -> str:
     return _VAR.sub(lambda m: env[m.group(1)], template)
 
 
-def main_config(http_conf: str, run_dir: Path) -> str:
-    """A whole nginx.conf around the http-context configuration, for a non-root nginx with its files in ``run_dir``."""
+def main_config(run_dir: Path) -> str:
+    """A whole nginx.conf that includes ``run_dir/k2ray-edge.conf`` (the http-context configuration), for a non-root
+    nginx with its files in ``run_dir``."""
     temp = {name: run_dir / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for path in temp.values():
         path.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def write_config(settings: EdgeSettings, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "k2ray-edge.conf").write_text(render(settings))
     main = run_dir / "nginx.conf"
-    main.write_text(main_config(render(settings), run_dir))
+    main.write_text(main_config(run_dir))
     return main
 
 
@@ -176,7 +177,7 @@ def settings_from_deploy(path: Path, **overrides) -> EdgeSettings:
         first = int(env.get(DIRECT_PORT_ENV, DIRECT_FIRST_PORT))
         direct = f"{host}:{first}-{first + 2 * _max_replicas(app, 'OpenAIIngress') - 1}"
     values = {"upstream": f"{host}:{int(http.get('port', 8000))}", "direct": direct,
-              "max_requests": (args.engine.max_num_seqs + args.max_queued_requests) * groups,
+              "max_requests": args.group_capacity * groups,
               "max_body": f"{max(1, -(-args.max_request_bytes // (1 << 20)))}m",
               "read_timeout": f"{int(http.get('request_timeout_s') or 600) + 60}s"}
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -49,9 +49,11 @@ class Gate(nn.Module):
 GROUPED_MM_MAX_ROWS = 512
 
 
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
 def _use_grouped_mm(x: torch.Tensor, rows: int) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and rows <= GROUPED_MM_MAX_ROWS and hasattr(
-        torch, "_grouped_mm")
+    return _HAS_GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32 and rows <= GROUPED_MM_MAX_ROWS
 
 
 def routed_experts_forward(

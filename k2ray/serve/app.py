@@ -62,8 +62,8 @@ def router_options(args: ServeArgs) -> dict[str, Any]:
         # max_queued_requests. Serve's own queue in front of the replicas is bounded too, but as large as a
         # replica's admission: a burst waits there only while the handle assigns it (a smaller bound rejected
         # requests of a 32-client burst the engine had room for).
-        "max_ongoing_requests": args.engine.max_num_seqs + args.max_queued_requests + 8,
-        "max_queued_requests": args.engine.max_num_seqs + args.max_queued_requests + 8,
+        "max_ongoing_requests": args.group_capacity + 8,
+        "max_queued_requests": args.group_capacity + 8,
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 60.0,
         "graceful_shutdown_timeout_s": 30.0,
@@ -82,7 +82,7 @@ def vision_options(args: ServeArgs) -> dict[str, Any]:
     if args.vision_worker_node_labels:
         actor["label_selector"] = dict(args.vision_worker_node_labels)
     opts: dict[str, Any] = {"ray_actor_options": actor,
-                            "max_ongoing_requests": 4 * (args.engine.max_num_seqs + args.max_queued_requests)}
+                            "max_ongoing_requests": 4 * args.group_capacity}
     if args.vision_max_workers > args.vision_workers:
         opts["autoscaling_config"] = {"min_replicas": args.vision_workers, "max_replicas": args.vision_max_workers,
                                       "target_ongoing_requests": args.vision_target_ongoing_requests}

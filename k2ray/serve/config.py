@@ -145,6 +145,12 @@ class ServeArgs(BaseModel):
         )
 
     @property
+    def group_capacity(self) -> int:
+        """Requests one model group holds at once: running (``max_num_seqs``) plus waiting (``max_queued_requests``);
+        the router, the ingress's admission, the API limits and the edge's cap all count with it."""
+        return self.engine.max_num_seqs + self.max_queued_requests
+
+    @property
     def model_name(self) -> str:
         """The name clients send as ``model``: ``served_model_name``, else the built-in name or directory name."""
         if self.served_model_name:

@@ -116,7 +116,7 @@ class OpenAIIngress:
             ("/v1/k2ray/rebalance", self.rebalance, "POST"),
         ]:
             api.add_api_route(path, fn, methods=[method], dependencies=keyed)
-        per_group = self.args.engine.max_num_seqs + self.args.max_queued_requests
+        per_group = self.args.group_capacity
         api.add_middleware(AdmissionMiddleware, watch=self.watch, per_group=per_group)
         if self.replica is not None:
             api.add_middleware(replica.ReplicaHeaderMiddleware, replica_id=self.replica.replica_id)

@@ -53,7 +53,7 @@ async def load_model_view(groups: ModelGroups, args: ServeArgs) -> ModelView:
         pass
     limits = Limits(
         max_model_len=int(info["max_model_len"]), default_max_tokens=args.default_max_tokens,
-        max_sequences=args.engine.max_num_seqs + args.max_queued_requests,
+        max_sequences=args.group_capacity,
         max_token_bytes=max(1, max(len(tok.id_to_bytes(i)) for i in range(tok.n_base_tokens))),
     )
     image_config = None

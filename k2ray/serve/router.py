@@ -163,7 +163,7 @@ class K2Router:
             return
         params = req.sampling
         # Sequences beyond the running batch (max_num_seqs) wait; never more than max_queued_requests of them.
-        capacity = self.args.engine.max_num_seqs + self.args.max_queued_requests
+        capacity = self.args.group_capacity
         if self._inflight + params.n > capacity:
             yield GenerateError(503, f"server overloaded: {self.waiting} requests already waiting "
                                      f"(max_queued_requests={self.args.max_queued_requests}); retry later",

@@ -110,8 +110,16 @@ def test_auto_config_reads_the_checkpoints(tmp_path, monkeypatch):
     from k2ray.checkpoint.builtin import resolve_model
 
     monkeypatch.setenv("K2RAY_CACHE_DIR", str(tmp_path))
+    from pathlib import Path
+
+    import k2ray.checkpoint.tiny as tiny
+    from k2ray.tokenizer.tiny import DATA_DIR
+
     for d in (DEMO_DIR, resolve_model("k2ray-tiny")):
-        assert (d / "configuration_deepseek.py").is_file()
+        # The shipped modules are the package's own copies (the demo's were copied in when it was written).
+        assert (d / "configuration_deepseek.py").read_bytes() == (
+            Path(tiny.__file__).parent / "data" / "configuration_deepseek.py").read_bytes()
+        assert (d / "tokenization_kimi.py").read_bytes() == (Path(DATA_DIR) / "tokenization_kimi.py").read_bytes()
         cfg = AutoConfig.from_pretrained(d, trust_remote_code=True)
         assert cfg.model_type == "kimi_k2" and type(cfg).__name__ == "DeepseekV3Config"
         assert (cfg.hidden_size, cfg.n_routed_experts, cfg.kv_lora_rank) == (256, 32, 64)
