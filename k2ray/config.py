@@ -493,6 +493,71 @@ class EplbConfig(BaseModel):
         return self
 
 
+class PoolRange(BaseModel):
+    """How far one pool may be resized while serving (None: the count it starts with)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: Optional[int] = None
+    max: Optional[int] = None
+
+    @field_validator("min", "max")
+    @classmethod
+    def _at_least_one(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+
+class ElasticConfig(BaseModel):
+    """Attention and expert pools that resize while serving (Ray executor; k2ray/parallel/elastic.py).
+
+    A pool whose ``max`` is above its ``min`` is elastic: the router adds or removes one worker at a time on its own
+    signals (with ``policy``), and the admin call ``POST /v1/k2ray/resize`` sets either count within the range. The
+    attention pool follows KV-cache use and waiting sequences; the expert pool follows the share of the step the
+    attention workers wait for the experts (their compute and the all-to-all). A signal must hold for ``window_s``
+    (and the opposite thresholds differ), and no pool changes within ``cooldown_s`` of the last change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attention_workers: PoolRange = PoolRange()
+    expert_shards: PoolRange = PoolRange()
+    policy: bool = True  # the router resizes on its own signals; False: only the admin call does
+    window_s: float = 30.0  # a signal must hold this long before the policy acts on it
+    cooldown_s: float = 120.0  # no resize this soon after the last one (new workers need time to show their effect)
+    kv_usage_high: float = 0.85  # attention up at or above this mean KV-cache use ...
+    waiting_high: float = 1.0  # ... or this many waiting sequences (mean over the window)
+    kv_usage_low: float = 0.3  # attention down below this use with nothing waiting
+    expert_wait_high: float = 0.5  # experts up when the attention workers wait this share of a step for them
+    expert_wait_low: float = 0.15  # experts down below this share
+    # A removed attention worker takes no new sequences; those running on it have this long to finish before they
+    # move to the other workers by recomputation.
+    drain_timeout_s: float = 30.0
+    # Added workers wait this long for their resources (a pending placement group lets the KubeRay autoscaler add a
+    # node); the resize is abandoned after it.
+    reserve_timeout_s: float = 600.0
+
+    @field_validator("window_s", "cooldown_s", "drain_timeout_s", "reserve_timeout_s", "waiting_high")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must not be negative")
+        return v
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "ElasticConfig":
+        if not self.kv_usage_low < self.kv_usage_high:
+            raise ValueError("kv_usage_low must be below kv_usage_high (the gap is the hysteresis)")
+        if not self.expert_wait_low < self.expert_wait_high:
+            raise ValueError("expert_wait_low must be below expert_wait_high (the gap is the hysteresis)")
+        return self
+
+    def bounds(self, pool: str, start: int) -> tuple[int, int]:
+        """(min, max) of ``pool`` ("attention_workers" or "expert_shards") for a group that starts with ``start``."""
+        r: PoolRange = getattr(self, pool)
+        return (start if r.min is None else r.min, start if r.max is None else r.max)
+
+
 class ParallelConfig(BaseModel):
     """Layout of one model group: A attention workers (data-parallel attention) and E expert shards."""
 
@@ -513,6 +578,7 @@ class ParallelConfig(BaseModel):
     collective_timeout_s: float = 60.0  # a stalled collective fails the step after this long
     overlap_shared_expert: bool = True  # run the shared expert while the routed tokens are at the expert shards
     eplb: EplbConfig = EplbConfig()  # live expert rebalancing (Ray executor); periodic only when interval_steps > 0
+    elastic: ElasticConfig = ElasticConfig()  # pools that resize while serving (Ray executor); fixed by default
 
     @field_validator("attention_workers", "expert_shards")
     @classmethod
@@ -536,7 +602,28 @@ class ParallelConfig(BaseModel):
             raise ValueError("device 'cuda' needs gpus_per_worker > 0")
         if self.eplb.interval_steps and (self.executor != "ray" or self.expert_shards < 2):
             raise ValueError("eplb.interval_steps needs executor 'ray' and at least 2 expert_shards")
+        for pool in ("attention_workers", "expert_shards"):
+            lo, hi = self.elastic.bounds(pool, getattr(self, pool))
+            if not lo <= getattr(self, pool) <= hi:
+                raise ValueError(f"elastic.{pool}: min={lo} and max={hi} must hold {pool}={getattr(self, pool)}")
+        if self.elastic_pools and self.executor != "ray":
+            raise ValueError("elastic pools (elastic.*.max above min) need executor 'ray'")
         return self
+
+    @property
+    def elastic_pools(self) -> list[str]:
+        """The pools that may be resized while serving."""
+        return [pool for pool in ("attention_workers", "expert_shards")
+                if (lambda b: b[1] > b[0])(self.elastic.bounds(pool, getattr(self, pool)))]
+
+    def resized(self, attention_workers: int, expert_shards: int) -> "ParallelConfig":
+        """This layout with other pool sizes (the elastic ranges stay as configured, in absolute counts)."""
+        el = self.elastic.model_copy(update={
+            pool: PoolRange(min=lo, max=hi) for pool in ("attention_workers", "expert_shards")
+            for lo, hi in [self.elastic.bounds(pool, getattr(self, pool))]
+        })
+        return self.model_copy(update={"attention_workers": attention_workers, "expert_shards": expert_shards,
+                                       "elastic": el})
 
     @property
     def collective_backend(self) -> str:
@@ -573,6 +660,10 @@ class ParallelConfig(BaseModel):
                 f"parallel.expert_shards={self.expert_shards} exceeds the model's n_routed_experts="
                 f"{args.n_routed_experts}"
             )
+        top = self.elastic.bounds("expert_shards", self.expert_shards)[1]
+        if top > args.n_routed_experts:
+            raise ConfigError(f"parallel.elastic.expert_shards.max={top} exceeds the model's n_routed_experts="
+                              f"{args.n_routed_experts}")
         slots = -(-args.n_routed_experts // self.expert_shards) + self.eplb.redundant_slots_per_shard
         if self.expert_shards > 1 and self.eplb.redundant_slots_per_shard and slots > args.n_routed_experts:
             raise ConfigError(

@@ -270,6 +270,18 @@ EPLB_SWITCH_SECONDS = Histogram(
     "Pause of a live rebalance's switch: the longest time a worker spent taking up the staged placement at the step "
     "boundary (loading the weights happened before, in the background).",
     ("model",), FAST_BUCKETS)
+POOL_RESIZES_TOTAL = Counter(
+    "k2ray_pool_resizes_total",
+    "Live resizes of a model group's pools (elastic attention workers and expert shards), by pool and direction.",
+    ("model", "pool", "direction"))
+POOL_RESIZE_PAUSE_SECONDS = Histogram(
+    "k2ray_pool_resize_pause_seconds",
+    "Pause of a live pool resize: how long the group did not step while its workers joined the new process group "
+    "(starting and loading the added workers happened before, in the background).",
+    ("model",), FAST_BUCKETS)
+POOL_WORKERS = Gauge(
+    "k2ray_pool_workers", "Workers in each pool of the model group (attention_workers, expert_shards).",
+    ("model", "pool"))
 # ---- structured outputs ----
 CONSTRAINED_REQUESTS_TOTAL = Counter(
     "k2ray_constrained_requests_total", "Requests decoded under a grammar (tools, response_format, guided_*).",

@@ -230,6 +230,7 @@ class LLMEngine:
         if self._loop.running and not self._loop.on_thread():
             raise RuntimeError("step() is driven by the background loop while streams are open")
         self._check_alive()
+        self.follow_layout()
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
@@ -258,6 +259,46 @@ class LLMEngine:
             executor=result.stats or {},
         ))
         return outputs
+
+    # -- elastic pools --------------------------------------------------------------------------------------------
+    def resize(self, attention_workers: int | None = None, expert_shards: int | None = None,
+               reason: str = "admin") -> dict:
+        """Resize the executor's pools while serving (any thread): the executor prepares the new workers in the
+        background; the engine drains removed attention workers and switches at a step boundary
+        (:meth:`follow_layout`). Returns the executor's answer at once."""
+        resize = getattr(self.executor, "resize", None)
+        if resize is None:
+            raise ValueError("resizing needs the Ray executor (parallel.executor: ray)")
+        out = resize(attention_workers, expert_shards, reason=reason)
+        self._loop.wake()
+        return out
+
+    def follow_layout(self) -> bool:
+        """At a step boundary (owner thread): move towards the executor's pending layout, if any — drain the attention
+        workers it removes (migrating their sequences after the drain timeout), and switch once the new workers
+        are ready and the removed ones idle. Returns whether a layout change is still pending."""
+        pending = getattr(self.executor, "pending_layout", None)
+        target = pending() if pending is not None else None
+        if target is None:
+            return False
+        keep = target.attention_workers
+        if keep < self.num_attention_workers:
+            if time.monotonic() >= target.drain_deadline:
+                moved = self.scheduler.migrate_from(keep)
+                if moved:
+                    log.info("%d sequence(s) move off attention worker(s) %d.. by recomputation", len(moved), keep)
+            else:
+                self.scheduler.drain_from(keep)
+        if not target.ready or not self.scheduler.ranks_idle_from(keep):
+            return True
+        try:
+            self.executor.switch_layout()
+        except BaseException as e:
+            self._fail(e)
+            raise
+        self.scheduler.set_attention_workers(keep)
+        self.num_attention_workers = keep
+        return False
 
     def _fail_unbuilt(self, built: BuiltStep) -> list[Request]:
         """Fail the requests whose work could not be built (only them); returns them, each once."""
@@ -434,6 +475,10 @@ class LLMEngine:
         async for out in self.stream(prompt, params, request_id):
             last = out
         return last
+
+    def start_background(self) -> None:
+        """Start the step thread now (the router does, so a resize is followed while no stream is open)."""
+        self._ensure_loop()
 
     def _ensure_loop(self) -> None:
         self._check_alive()

@@ -18,6 +18,9 @@ from k2ray.engine.request import EngineDeadError, RequestOutput
 from k2ray.engine.scheduler import Scheduler
 
 
+_PENDING_POLL_S = 0.05  # how often an idle loop looks at a pending resize
+
+
 class SteppedEngine(Protocol):
     """What the loop needs of the engine (``LLMEngine``), called on the loop's thread only."""
 
@@ -28,6 +31,8 @@ class SteppedEngine(Protocol):
     def handle(self, msg: Message) -> Optional[RequestOutput]: ...  # apply an Add / Abort
 
     def fail(self, e: BaseException) -> None: ...  # end every request with an error
+
+    def follow_layout(self) -> bool: ...  # step towards a pending pool resize; True while one is pending
 
     def dead_error(self) -> EngineDeadError: ...  # what open streams receive at the end
 
@@ -55,6 +60,10 @@ class StepLoop:
         self.thread = threading.Thread(target=self._run, name="k2ray-engine-loop", daemon=True)
         self.thread.start()
 
+    def wake(self) -> None:
+        """Have the thread look at its work again (a resize became pending)."""
+        self._wake.set()
+
     def post(self, msg: Message) -> None:
         """Queue a message for the thread (any thread)."""
         if self.thread is None and isinstance(msg, Add):
@@ -78,7 +87,8 @@ class StepLoop:
                 self._wake.clear()
                 self._drain_inbox()
                 if not engine.scheduler.has_work():
-                    self._wake.wait()
+                    # An idle group still follows a resize (its switch waits for a step boundary, and this is one).
+                    self._wake.wait(_PENDING_POLL_S if engine.follow_layout() else None)
                     continue
                 if self._stopping:
                     break

@@ -26,6 +26,11 @@ tokens it has generated. The oldest request can always preempt every younger one
 
 Every sequence is pinned to one attention worker (its ``attention_rank``; each worker has its own cache blocks) when
 first admitted: the worker holding the longest cached prefix, then the least loaded one.
+
+Elastic attention pool: :meth:`Scheduler.drain_from` stops placing sequences on the workers about to be removed (the
+last ones); their running sequences finish there, or :meth:`Scheduler.migrate_from` moves them by recomputation
+(preempted, unpinned, readmitted elsewhere with the tokens they have). Once :meth:`Scheduler.ranks_idle_from` holds,
+:meth:`Scheduler.set_attention_workers` takes the new count (added workers start with empty caches).
 """
 
 from __future__ import annotations
@@ -118,6 +123,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # sorted by arrival
         self.running_per_rank = [0] * num_attention_workers
+        self.num_blocks, self.enable_prefix_caching = num_blocks, enable_prefix_caching
+        self.accepting_ranks = num_attention_workers  # new sequences go to ranks below this (a drain lowers it)
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # tokens run through the model (prefill + decode, recompute included)
 
@@ -174,6 +181,39 @@ class Scheduler:
             req.prompt_logprobs = [None]  # the prompt will be recomputed from the start
         self.add(seq)
         out.preempted.append(seq)
+
+    # -- elastic attention pool ----------------------------------------------------------------------------------
+    def drain_from(self, keep: int) -> None:
+        """Place no new sequence on ranks ``keep`` and above (their running sequences go on)."""
+        self.accepting_ranks = max(1, min(keep, len(self.managers)))
+
+    def migrate_from(self, keep: int) -> list[Sequence]:
+        """Move every sequence pinned to ranks ``keep`` and above to the others by recomputation: running ones are
+        preempted (their tokens kept), and all of them are unpinned. Returns the preempted sequences."""
+        self.drain_from(keep)
+        out = SchedulerOutput()
+        for seq in [s for s in self.running if s.attention_rank >= keep]:
+            self._preempt(seq, out)
+        for seq in self.waiting:
+            if seq.attention_rank is not None and seq.attention_rank >= keep:
+                seq.attention_rank = None
+        return out.preempted
+
+    def ranks_idle_from(self, keep: int) -> bool:
+        """No sequence runs on, or waits for, ranks ``keep`` and above."""
+        return (not any(self.running_per_rank[keep:])
+                and not any(s.attention_rank is not None and s.attention_rank >= keep for s in self.waiting))
+
+    def set_attention_workers(self, n: int) -> None:
+        """Take a new attention worker count at a step boundary: added ranks start empty; removed ranks must be idle
+        (their cached prefixes are forgotten)."""
+        if n < len(self.managers) and not self.ranks_idle_from(n):
+            raise RuntimeError(f"attention ranks {n}.. still hold sequences")
+        del self.managers[n:], self.running_per_rank[n:]
+        while len(self.managers) < n:
+            self.managers.append(BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching))
+            self.running_per_rank.append(0)
+        self.accepting_ranks = n
 
     # -- the step ------------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -299,6 +339,8 @@ class Scheduler:
             block_hashes(seq.token_at(0, max_hit * bs), bs, max_hit, seq.block_hashes,
                          extra_of=seq.request.block_extra)
         hashes = seq.block_hashes[:max_hit]
+        if seq.attention_rank is not None and seq.attention_rank >= self.accepting_ranks:
+            seq.attention_rank = None  # preempted on a worker being removed: start again elsewhere
         if seq.attention_rank is None:
             rank, hit = self._pick_attention_rank(hashes)
         else:
@@ -326,7 +368,7 @@ class Scheduler:
 
     def _pick_attention_rank(self, hashes: list[bytes]) -> tuple[int, list[int]]:
         best = None
-        for rank, bm in enumerate(self.managers):
+        for rank, bm in enumerate(self.managers[: self.accepting_ranks]):
             hit = bm.match_prefix(hashes)
             key = (len(hit), -self.running_per_rank[rank], bm.num_free_blocks, -rank)
             if best is None or key > best[0]:

@@ -178,10 +178,13 @@ def align_slots(old: Sequence[int], new: Sequence[int]) -> list[int]:
 
 
 def align(new: PerLayerPlacement, current: PerLayerPlacement) -> PerLayerPlacement:
-    """``new`` with each shard's slots ordered by :func:`align_slots` against ``current``."""
+    """``new`` with each shard's slots ordered by :func:`align_slots` against ``current``. Shards that ``current``
+    does not have (a grown pool) keep ``new``'s order; shards ``new`` does not have (a shrunk pool) are gone."""
     layers = []
     for p_new, p_old in zip(new.layers, current.layers):
-        shards = tuple(tuple(align_slots(o, n)) for o, n in zip(p_old.shard_experts, p_new.shard_experts))
+        old = p_old.shard_experts
+        shards = tuple(tuple(align_slots(old[s], n)) if s < len(old) else tuple(n)
+                       for s, n in enumerate(p_new.shard_experts))
         layers.append(ExpertPlacement(p_new.n_experts, p_new.n_shards, shards))
     return PerLayerPlacement(tuple(layers), new.version)
 

@@ -46,6 +46,16 @@ class SeqResult:
     prompt_logprobs: Optional[list[tuple[float, list[tuple[int, float]]]]] = None
 
 
+@dataclass(frozen=True)
+class PendingLayout:
+    """A pool resize the executor is preparing (see ``LLMEngine.follow_layout``)."""
+
+    attention_workers: int  # after the switch
+    expert_shards: int
+    ready: bool  # the added workers are loaded and the kept shards staged: the switch can happen
+    drain_deadline: float  # monotonic time after which sequences on removed attention workers move by recompute
+
+
 @dataclass
 class StepOutput:
     results: dict[int, SeqResult] = field(default_factory=dict)

@@ -113,7 +113,7 @@ class OpenAIIngress:
             ("/v1/responses/{response_id}", self.retrieve_response, "GET"),
             ("/v1/responses/{response_id}", self.delete_response, "DELETE"),
             ("/v1/k2ray/layout", self.layout, "GET"), ("/v1/k2ray/stats", self.stats, "GET"),
-            ("/v1/k2ray/rebalance", self.rebalance, "POST"),
+            ("/v1/k2ray/rebalance", self.rebalance, "POST"), ("/v1/k2ray/resize", self.resize, "POST"),
         ]:
             api.add_api_route(path, fn, methods=[method], dependencies=keyed)
         per_group = self.args.group_capacity
@@ -178,6 +178,19 @@ class OpenAIIngress:
             raise APIError(403, "rebalancing needs an API key (or a local client when no keys are configured)",
                            "permission_error", None, "forbidden")
         return JSONResponse(await self.groups.rebalance())
+
+    @answers_errors
+    async def resize(self, request: Request, req: P.ResizeRequest = Depends(json_body(P.ResizeRequest))) -> Response:
+        """Resize the answering model group's attention and expert pools while it serves, within
+        ``parallel.elastic``'s ranges; answers at once (the switch follows once the new workers are loaded). An
+        admin action, like the rebalance."""
+        if not redact.full_view(request):
+            raise APIError(403, "resizing needs an API key (or a local client when no keys are configured)",
+                           "permission_error", None, "forbidden")
+        out = await self.groups.resize(req.attention_workers, req.expert_shards)
+        if out.get("error_param"):
+            raise APIError(400, out["reason"], "invalid_request_error", out["error_param"], "invalid_value")
+        return JSONResponse(out)
 
     # -- tokenizer ------------------------------------------------------------------------------------------------
     @answers_errors

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from k2ray import logs, metrics
+from k2ray.parallel.elastic import ElasticPolicy, PoolSignals
 from k2ray.runtime.sampling import ParamError
 from k2ray.serve.config import ServeArgs
 from k2ray.serve.step_metrics import MeteredExecutor
@@ -92,6 +93,10 @@ class K2Router:
             "gen": metrics.GENERATION_TOKENS_TOTAL.labels(model=self.model_name),
             "hit": metrics.PREFIX_CACHE_HIT_TOKENS_TOTAL.labels(model=self.model_name),
         }
+        p = self.args.parallel
+        self._policy = ElasticPolicy(p.elastic, p.elastic.bounds("attention_workers", p.attention_workers),
+                                     p.elastic.bounds("expert_shards", p.expert_shards)) if (
+            p.elastic_pools and p.elastic.policy) else None  # resizes the pools on the group's own signals
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_gauges, name="k2ray-router-gauges", daemon=True)
         self._poller.start()
@@ -109,7 +114,8 @@ class K2Router:
 
             self.tokenizer = load_tokenizer(self.model_dir)
             self.eos_token_ids = load_eos_token_ids(self.model_dir)
-            self.executor = MeteredExecutor(self._make_executor(), self.model_name, self.args.parallel.expert_shards)
+            shards = p.elastic.bounds("expert_shards", p.expert_shards)[1]  # the most the group may have
+            self.executor = MeteredExecutor(self._make_executor(), self.model_name, shards)
             self.engine = self._make_engine()
         except Exception as e:
             self._stop.set()
@@ -149,6 +155,8 @@ class K2Router:
         mask = metrics.GRAMMAR_MASK_SECONDS.labels(model=self.model_name)
         engine.on_first_schedule = lambda req, seconds: queue.observe(seconds)
         engine.on_step = lambda st: mask.observe(st.grammar_mask_s) if st.num_constrained else None
+        if p.elastic_pools:
+            engine.start_background()  # follows a resize while no stream is open
         return engine
 
     # -- serving --------------------------------------------------------------------------------------------------
@@ -309,8 +317,13 @@ class K2Router:
         p = self.args.parallel
         if self.executor is not None:
             base.update(self.executor.describe())
-        base["parallel"] = {"executor": p.executor, "attention_workers": p.attention_workers,
-                            "expert_shards": p.expert_shards, "device": p.device}
+        now = getattr(getattr(self.executor, "inner", None), "layout", None)  # the pools' sizes now (elastic)
+        base["parallel"] = {"executor": p.executor,
+                            "attention_workers": now.attention_workers if now else p.attention_workers,
+                            "expert_shards": now.expert_shards if now else p.expert_shards, "device": p.device}
+        if p.elastic_pools:
+            base["parallel"]["elastic"] = {pool: dict(zip(("min", "max"), p.elastic.bounds(pool, getattr(p, pool))))
+                                           for pool in ("attention_workers", "expert_shards")}
         return base
 
     async def rebalance(self) -> dict:
@@ -326,6 +339,40 @@ class K2Router:
         except ValueError as e:  # the local executor has a single shard: nothing to balance
             return {"started": False, "reason": str(e)}
         return _json_safe({"group": self.group_id, **out})
+
+    async def resize(self, attention_workers: int | None = None, expert_shards: int | None = None) -> dict:
+        """Admin: resize the pools (within ``parallel.elastic``); answers at once, the switch follows at a step
+        boundary once the added workers are loaded. A size outside the range answers ``error_param``."""
+        eng = self.engine
+        if self._state != "ready" or eng is None:
+            return {"started": False, "reason": f"model group {self.group_id} is {self._state}"}
+        try:
+            out = await asyncio.to_thread(eng.resize, attention_workers, expert_shards, "admin")
+        except ValueError as e:
+            param = next((f for f in ("attention_workers", "expert_shards") if str(e).startswith(f)), None)
+            return {"started": False, "reason": str(e), "error_param": param}
+        if out.get("started") and self._policy is not None:
+            self._policy.resized(time.monotonic())
+        return _json_safe({"group": self.group_id, **out})
+
+    def _autoscale(self) -> None:
+        """The router's own resize policy (k2ray/parallel/elastic.py), once a second on the poller thread."""
+        pol, eng, ex = self._policy, self.engine, self.executor
+        if pol is None or self._state != "ready" or eng is None or ex is None:
+            return
+        now = time.monotonic()
+        pol.observe(PoolSignals(now, eng.kv_cache_usage(), eng.num_waiting, ex.take_expert_wait()))
+        if ex.pending_layout() is not None:
+            pol.resized(now)  # the cooldown counts from the switch; signals of the old layout are dropped
+            return
+        d = pol.decide(now, eng.num_attention_workers, ex.inner.layout.expert_shards)
+        if d is None:
+            return
+        out = eng.resize(d.attention_workers, d.expert_shards, reason=f"policy: {d.reason}")
+        if out.get("started"):
+            pol.resized(now)
+            log.info("model group %s: %s %s to %d (%s)", self.group_id, d.pool, d.direction,
+                     getattr(d, d.pool), d.reason)
 
     def stats(self) -> dict:
         eng = self.engine
@@ -353,6 +400,7 @@ class K2Router:
                 kv.set(eng.kv_cache_usage())
                 if self.executor is not None:
                     self.executor.flush_expert_load()
+                self._autoscale()
             except Exception:
                 log.debug("gauge poll failed", exc_info=True)
             if time.monotonic() - last_beat >= _HEARTBEAT_INTERVAL_S:

@@ -31,6 +31,7 @@ class ModelGroups(Protocol):
     async def layout(self) -> dict: ...
     async def stats(self) -> dict: ...
     async def rebalance(self) -> dict: ...
+    async def resize(self, attention_workers: int | None, expert_shards: int | None) -> dict: ...
 
 
 class _HandleStream:
@@ -98,6 +99,9 @@ class RouterClient:
 
     async def rebalance(self) -> dict:
         return await self.handle.rebalance.remote()
+
+    async def resize(self, attention_workers: int | None, expert_shards: int | None) -> dict:
+        return await self.handle.resize.remote(attention_workers, expert_shards)
 
 
 async def open_all(groups: ModelGroups, reqs: list[GenerateRequest]) -> list[OpenedStream]:

@@ -36,6 +36,11 @@ class MeteredExecutor:
         self._tracker_lock = threading.Lock()
         self._shards = shards
         self._rebalances = metrics.EPLB_REBALANCES_TOTAL.labels(model=model)
+        self._switch_pause = metrics.POOL_RESIZE_PAUSE_SECONDS.labels(model=model)
+        self._pool_workers = {pool: metrics.POOL_WORKERS.labels(model=model, pool=pool)
+                              for pool in ("attention_workers", "expert_shards")}
+        self._pool_workers["attention_workers"].set(inner.num_attention_workers)
+        self._pool_workers["expert_shards"].set(getattr(getattr(inner, "layout", None), "expert_shards", 1))
         self._switch = metrics.EPLB_SWITCH_SECONDS.labels(model=model)
 
     # -- the Executor contract, forwarded ---------------------------------------------------------------------------
@@ -62,6 +67,43 @@ class MeteredExecutor:
         if not hasattr(self.inner, "rebalance"):
             raise ValueError("expert rebalancing needs the Ray executor (parallel.executor: ray)")
         return self.inner.rebalance()
+
+    # -- elastic pools ----------------------------------------------------------------------------------------------
+    def resize(self, attention_workers: int | None = None, expert_shards: int | None = None,
+               reason: str = "admin") -> dict:
+        """Start resizing the pools (see :meth:`k2ray.executor.ray.RayExecutor.resize`)."""
+        if not hasattr(self.inner, "resize"):
+            raise ValueError("resizing needs the Ray executor (parallel.executor: ray)")
+        return self.inner.resize(attention_workers, expert_shards, reason=reason)
+
+    def pending_layout(self):
+        pending = getattr(self.inner, "pending_layout", None)
+        return pending() if pending is not None else None
+
+    def switch_layout(self) -> dict:
+        record = self.inner.switch_layout()
+        try:
+            self._switch_pause.observe(record["pause_s"])
+            for pool, n in record["to"].items():
+                was = record["from"][pool]
+                if n != was:
+                    metrics.POOL_RESIZES_TOTAL.inc(model=self._model, pool=pool, direction="up" if n > was else "down")
+                self._pool_workers[pool].set(n)
+            self._exchanges = max(1, len(self.inner.args.moe_layers)) * self.inner.num_attention_workers
+        except Exception:
+            log.debug("resize metrics failed", exc_info=True)
+        return record
+
+    def take_expert_wait(self) -> float:
+        take = getattr(self.inner, "take_expert_wait", None)
+        return take() if take is not None else 0.0
+
+    def bounds(self, pool: str) -> tuple[int, int]:
+        bounds = getattr(self.inner, "bounds", None)
+        if bounds is None:
+            n = self.inner.num_attention_workers if pool == "attention_workers" else self._shards
+            return (n, n)
+        return bounds(pool)
 
     def execute(self, step):
         t0 = time.perf_counter()

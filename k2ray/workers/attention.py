@@ -79,6 +79,13 @@ class AttentionWorker:
         )
         self.remote.connect(self.client)
 
+    def regroup(self, layout: GroupLayout, placement: ExpertPlacement | PerLayerPlacement, backend: str, address: str,
+                port: int, timeout_s: float) -> None:
+        """A pool resize's switch: route by ``placement`` over the group's new process group under ``layout``
+        (this worker keeps its index, rank and cache)."""
+        self.layout, self.placement = layout, placement
+        self.join_group(backend, address, port, timeout_s)
+
     def stage(self, placement: PerLayerPlacement) -> None:
         """Build the lookup tensors of ``placement`` in the background (returns at once)."""
         self.stager.start(placement.version, lambda: (placement, DispatchClient.lookup_tables(placement)))

@@ -97,6 +97,19 @@ class ExpertShard:
     def staged_version(self) -> int | None:
         return self.stager.report()["staged"]
 
+    def staging(self) -> dict:
+        """The staged version and a staging error (a resize waits on this while the group is idle)."""
+        return self.stager.report()
+
+    def regroup(self, layout: GroupLayout, switch: int | None, backend: str, address: str, port: int,
+                timeout_s: float) -> None:
+        """A pool resize's switch: take up the staged placement ``switch`` (if any), then join the group's new
+        process group under ``layout`` (this shard keeps its index; its rank follows the attention workers)."""
+        if switch is not None:
+            self._switch(switch)
+        self.layout = layout
+        self.join_group(backend, address, port, timeout_s)
+
     def join_group(self, backend: str, address: str, port: int, timeout_s: float) -> None:
         init_group(backend, address, port, self.layout.shard_rank(self.shard), self.layout.world_size, timeout_s)
         a = self.args
@@ -135,7 +148,8 @@ class ExpertShard:
             mod.put([new.index(e) for e in new if e not in old], fresh)
             mod.put([j for j, _ in moved], tail)
         self.layer_experts, self.version = layer_experts, version
-        self.server.set_experts(self.layers, self.width)
+        if self.server is not None:
+            self.server.set_experts(self.layers, self.width)
 
     @torch.inference_mode()
     def step(self, tokens_per_worker: list[int], switch: int | None = None) -> dict:

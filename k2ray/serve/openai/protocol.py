@@ -162,6 +162,14 @@ class CompletionRequest(_SamplingFields):
         return self
 
 
+# -- admin --------------------------------------------------------------------------------------------------------------
+class ResizeRequest(_Request):
+    """``POST /v1/k2ray/resize``: the answering model group's pool sizes (omitted: unchanged)."""
+
+    attention_workers: Optional[int] = None
+    expert_shards: Optional[int] = None
+
+
 # -- tokenizer endpoints ---------------------------------------------------------------------------------------------
 class TokenizeRequest(_Request):
     model: Optional[str] = None
