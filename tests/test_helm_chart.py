@@ -744,6 +744,8 @@ def test_notes(chart):
     ({"serve": {"deployments": {"K2Router": {"autoscaling_config": {"max_replicas": 2}}}}},
      "needs 2 attention slots, but the enabled workerGroups provide 1"),
     ({"workerGroups": {"experts": {"enabled": False}}}, "needs 2 experts slots, but the enabled workerGroups provide 0"),
+    ({"serve": {"args": {"parallel": {"elastic": {"expert_shards": {"max": 3}}}}}},
+     "parallel.expert_shards=3 x 1 model group(s) (K2Router replicas) needs 3 experts slots"),  # at its elastic max
     (merged(KIMI_VALUES, {"workerGroups": {"h200": {"gpus": 4}}}),
      "workerGroups.h200: pools attention=2 + experts=6 need 8 GPUs per pod at 1 GPU(s) per actor, but gpus=4"),
     (merged(KIMI_VALUES, {"serve": {"args": {"parallel": {"expert_pool": {"gpus": 2}}}}}),

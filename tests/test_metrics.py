@@ -47,6 +47,7 @@ COUNTS = [  # (metric, labels besides model, increment per round)
     (M.PREFIX_CACHE_HIT_TOKENS_TOTAL, {}, 25),
     (M.CONSTRAINED_REQUESTS_TOTAL, {}, 1),
     (M.EPLB_REBALANCES_TOTAL, {}, 1),
+    (M.POOL_RESIZES_TOTAL, {"pool": "expert_shards", "direction": "up"}, 1),
     (M.VISION_IMAGES_ENCODED_TOTAL, {}, 2),
 ]
 OBSERVATIONS = [  # (metric, labels besides model, value, observations per round)
@@ -60,6 +61,7 @@ OBSERVATIONS = [  # (metric, labels besides model, value, observations per round
     (M.ALL_TO_ALL_SECONDS, {"op": "dispatch"}, 0.0007, 4),
     (M.ALL_TO_ALL_SECONDS, {"op": "combine"}, 0.0012, 4),
     (M.EPLB_SWITCH_SECONDS, {}, 0.002, 1),
+    (M.POOL_RESIZE_PAUSE_SECONDS, {}, 0.4, 1),
 ]
 GAUGES = [  # (metric, labels besides model, value after round 1, value after round 2)
     (M.REQUESTS_RUNNING, {}, 3, 5),
@@ -67,6 +69,7 @@ GAUGES = [  # (metric, labels besides model, value after round 1, value after ro
     (M.KV_CACHE_USAGE, {}, 0.25, 0.5),
     (M.EXPERT_BALANCEDNESS, {"layer": "1"}, 0.6, 0.9),
     (M.EXPERT_BALANCEDNESS, {"layer": "mean"}, 0.7, 0.95),
+    (M.POOL_WORKERS, {"pool": "expert_shards"}, 2, 3),
 ]
 # tokens[layer, expert, shard]: 2 MoE layers (ids 1, 2), 4 logical experts, 2 shards (expert 2 replicated on both)
 EXPERT_COUNTS = [[[5, 0], [0, 1], [2, 2], [0, 0]],
@@ -162,6 +165,9 @@ def test_catalog_matches_issue():
         "k2ray_expert_balancedness": ("model", "layer"),
         "k2ray_eplb_rebalances_total": ("model",),
         "k2ray_eplb_switch_seconds": ("model",),
+        "k2ray_pool_resizes_total": ("model", "pool", "direction"),
+        "k2ray_pool_resize_pause_seconds": ("model",),
+        "k2ray_pool_workers": ("model", "pool"),
         "k2ray_constrained_requests_total": ("model",),
         "k2ray_grammar_mask_seconds": ("model",),
         "k2ray_vision_images_encoded_total": ("model",),

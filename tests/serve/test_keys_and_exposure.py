@@ -18,6 +18,7 @@ from k2ray.tokenizer import KimiTokenizer
 from k2ray.tokenizer.tiny import DATA_DIR
 
 from ..test_helm_chart import CHART, NAMESPACE, RELEASE, pod_templates, ray_container, rayservice, serve_config
+from .serve_helpers import assert_openai_error
 from .test_openai_frontend import MODEL, ScriptedGroups
 
 NODE_IP, NODE_ID = "10.1.2.3", "f" * 56
@@ -47,6 +48,15 @@ class LayoutGroups(ScriptedGroups):
 
     async def rebalance(self) -> dict:
         return copy.deepcopy(REBALANCE)
+
+    async def resize(self, attention_workers, expert_shards) -> dict:
+        """As the router answers: within min 1 .. max 3 expert shards, attention workers fixed at 1."""
+        self.resized = (attention_workers, expert_shards)
+        if expert_shards is not None and not 1 <= expert_shards <= 3:
+            return {"started": False, "reason": f"expert_shards={expert_shards} is outside parallel.elastic."
+                    "expert_shards (min 1, max 3)", "error_param": "expert_shards"}
+        return {"group": "g0", "started": True, "from": {"attention_workers": 1, "expert_shards": 2},
+                "to": {"attention_workers": attention_workers or 1, "expert_shards": expert_shards or 2}}
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +182,25 @@ def test_local_operator_sees_everything_without_keys(tokenizer):
             assert "error" not in c.get("/v1/k2ray/stats", headers=h).json()
     with _client(tokenizer, {}, client=("::1", 40000)) as c:
         assert c.get("/v1/k2ray/layout").json() == LAYOUT
+
+
+def test_resize_is_an_admin_action(tokenizer):
+    """POST /v1/k2ray/resize takes the pool sizes as JSON; it needs the key (or a local client with keys off); a size
+    outside the range, or of the wrong type, is a 400 naming the field."""
+    auth = {"Authorization": "Bearer sk-1"}
+    with _client(tokenizer, {"api_keys": ["sk-1"]}) as c:
+        assert c.post("/v1/k2ray/resize", json={"expert_shards": 3}).status_code == 401
+        r = c.post("/v1/k2ray/resize", json={"expert_shards": 3}, headers=auth)
+        assert r.status_code == 200 and r.json()["started"] and r.json()["to"]["expert_shards"] == 3
+        assert_openai_error(c.post("/v1/k2ray/resize", json={"expert_shards": 9}, headers=auth), 400,
+                            "invalid_value", "expert_shards")
+        assert_openai_error(c.post("/v1/k2ray/resize", json={"expert_shards": "3"}, headers=auth), 400)
+        assert_openai_error(c.post("/v1/k2ray/resize", json={"shards": 3}, headers=auth), 400)
+    with _client(tokenizer, {}) as c:  # keys off, a remote client
+        r = c.post("/v1/k2ray/resize", json={"expert_shards": 3})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    with _client(tokenizer, {}, client=("127.0.0.1", 40000)) as c:
+        assert c.post("/v1/k2ray/resize", json={"attention_workers": 1}).json()["started"]
 
 
 def test_rebalance_is_an_admin_action(tokenizer):

@@ -145,7 +145,8 @@ parallel.expert_shards actors of the "experts" pool. Each worker group hosts poo
 per pod and advertises that many units of the Ray custom resources k2ray_attention / k2ray_experts (plus
 rayResources), which parallel.attention_pool / expert_pool.resources can require (e.g. {k2ray_experts: 1}) to pin
 each pool to its pods. Capacity counts maxReplicas pods when Ray autoscaling is on (the autoscaler adds pods for
-pending placement groups) and replicas pods otherwise.
+pending placement groups) and replicas pods otherwise. An elastic pool (parallel.elastic.<pool>.max) counts at its
+max: a resize reserves its added workers in a placement group of their own, which must be able to fit.
 */}}
 {{- define "k2ray.validate" -}}
 {{- $args := .Values.serve.args -}}
@@ -166,6 +167,8 @@ pending placement groups) and replicas pods otherwise.
 {{- range $pool, $key := dict "attention" "attention_pool" "experts" "expert_pool" -}}
 {{- $spec := index $p $key | default dict -}}
 {{- $n := ternary ($p.attention_workers | default 1) ($p.expert_shards | default 1) (eq $pool "attention") | float64 -}}
+{{- $range := index ($p.elastic | default dict) (ternary "attention_workers" "expert_shards" (eq $pool "attention")) | default dict -}}
+{{- if $range.max -}}{{- $n = maxf $n ($range.max | float64) -}}{{- end -}}
 {{- $g := $gpw -}}
 {{- if not (kindIs "invalid" $spec.gpus) -}}{{- $g = $spec.gpus | float64 -}}{{- end -}}
 {{- $_ := set $pools $pool (dict "n" $n "gpus" $g "key" $key "resources" ($spec.resources | default dict) "labels" ($spec.node_labels | default dict)) -}}

@@ -163,8 +163,10 @@ class CompletionRequest(_SamplingFields):
 
 
 # -- admin --------------------------------------------------------------------------------------------------------------
-class ResizeRequest(_Request):
+class ResizeRequest(BaseModel):
     """``POST /v1/k2ray/resize``: the answering model group's pool sizes (omitted: unchanged)."""
+
+    model_config = ConfigDict(extra="forbid")  # an admin typo must not be a silent no-op
 
     attention_workers: Optional[int] = None
     expert_shards: Optional[int] = None
