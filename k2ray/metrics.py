@@ -591,10 +591,14 @@ class ExpertLoadTracker:
         if time.monotonic() - self._last >= self.interval_s:
             self.flush()
 
-    def flush(self) -> Optional[float]:
+    def flush(self, num_shards: Optional[int] = None) -> Optional[float]:
+        """Record what was added since the last flush; ``num_shards``: only the first shards exist now (an elastic
+        pool below its max), so the imbalance is over those."""
         self._last = time.monotonic()
         if not self._acc.any():
             return None
         acc, self._acc = self._acc, self._acc * 0
+        if num_shards is not None:
+            acc = acc[..., :num_shards]
         return record_expert_load(self.model, acc, self.layer_ids, self._registry)
 

@@ -81,6 +81,7 @@ class MeteredExecutor:
         return pending() if pending is not None else None
 
     def switch_layout(self) -> dict:
+        self.flush_expert_load()  # the load so far belongs to the old shard count
         record = self.inner.switch_layout()
         try:
             self._switch_pause.observe(record["pause_s"])
@@ -144,8 +145,9 @@ class MeteredExecutor:
         return out
 
     def flush_expert_load(self) -> None:
+        layout = getattr(self.inner, "layout", None)  # an elastic expert pool may be below the tracker's max
         with self._tracker_lock:
-            self._tracker.flush()
+            self._tracker.flush(layout.expert_shards if layout is not None else None)
         per_layer = self.inner.balancedness() if hasattr(self.inner, "balancedness") else None
         if per_layer:
             for layer, b in per_layer.items():
