@@ -255,3 +255,30 @@ def test_pools_grow_and_shrink_under_load(cluster, tiny_dir):
         assert asyncio.run(_stream_one(engine, PROMPTS[0])) == baseline[0]
     finally:
         engine.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_resize_that_cannot_fit_is_abandoned_and_the_group_serves_on(cluster, tiny_dir):
+    """The cluster (6 CPUs) holds 1+2 workers of 2 CPUs each but not a third shard: the resize is refused before
+    anything starts, recorded with the reason, and the group serves on unchanged. Sizes outside the range are errors
+    naming the pool."""
+    par = ParallelConfig(executor="ray", attention_workers=1, expert_shards=2, cpus_per_worker=2,
+                         elastic={"expert_shards": {"max": 3}})
+    ex = RayExecutor(tiny_dir, ENGINE, par)
+    engine = LLMEngine(ex, ENGINE)
+    try:
+        with pytest.raises(ValueError, match=r"attention_workers=2 is outside parallel.elastic.attention_workers"):
+            engine.resize(2, None)
+        assert engine.resize(None, 3)["started"]
+        deadline = time.monotonic() + 60
+        while ex.pending_layout() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ex.pending_layout() is None and (ex.layout.attention_workers, ex.layout.expert_shards) == (1, 2)
+        last = ex.resizes[-1]
+        assert not last["done"] and "CPU" in last["error"], last
+        out = asyncio.run(_stream_one(engine, PROMPTS[1]))
+        assert len(out) == GREEDY.max_tokens
+        assert engine.scheduler.accepting_ranks == 1
+    finally:
+        engine.shutdown()

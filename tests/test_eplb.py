@@ -260,3 +260,16 @@ def test_metered_executor_exports_balancedness_and_rebalances():
         assert 'k2ray_eplb_switch_seconds_count{model="m"} 1.0' in text
     finally:
         metrics.configure()
+
+
+def test_align_across_a_shard_count_change():
+    """A pool resize plans for another shard count: kept shards keep every expert they still serve in its slot;
+    an added shard takes the plan's order; a removed shard is gone."""
+    cur = PerLayerPlacement.uniform(ExpertPlacement.contiguous(12, 2), 2)
+    grown = eplb.align(PerLayerPlacement.uniform(ExpertPlacement.contiguous(12, 3), 2, 1), cur)
+    for layer in grown.layers:
+        assert layer.shard_experts == ((0, 1, 2, 3), (6, 7, 4, 5), (8, 9, 10, 11))  # 4, 5 move into 1's free slots
+    shrunk = eplb.align(PerLayerPlacement.uniform(ExpertPlacement.contiguous(12, 2), 2, 2), grown)
+    for layer in shrunk.layers:
+        assert layer.n_shards == 2 and sorted(sum(layer.shard_experts, ())) == list(range(12))
+        assert layer.shard_experts[0][:4] == (0, 1, 2, 3)  # nothing of shard 0 moved

@@ -280,6 +280,7 @@ class LLMEngine:
         pending = getattr(self.executor, "pending_layout", None)
         target = pending() if pending is not None else None
         if target is None:
+            self.scheduler.accepting_ranks = len(self.scheduler.managers)  # a drain of an abandoned resize ends
             return False
         keep = target.attention_workers
         if keep < self.num_attention_workers:

@@ -492,10 +492,14 @@ class RayExecutor:
             if r.expert_shards != e_old:
                 nodes = self.shard_nodes[: r.expert_shards] + [str(x) for x in new_nodes[add_a:]]
                 r.placement = self._placement_for(r.expert_shards, nodes, loads, current)
+            if r.abandoned:  # the group failed or shut down meanwhile
+                return self._release(r)
             for j in range(add_a):
                 r.attention.append(self._new_attention(a_old + j, layout, r.placement, r.pg, j))
             for j in range(add_e):
                 r.shards.append(self._new_shard(e_old + j, layout, r.placement, r.pg, add_a + j))
+            if r.abandoned:
+                return self._release(r)
             started = r.attention + r.shards
             r.infos = ray.get([w.ready.remote() for w in started], timeout=self._ready_timeout_s)
             if r.placement is not current:
@@ -514,13 +518,15 @@ class RayExecutor:
                         raise ExecutorError("the kept expert shards did not stage the new layout in time")
                     time.sleep(0.05)
             if r.abandoned:
-                return
+                return self._release(r)
             r.ready = True
             r.prepared_s = time.monotonic() - r.started
             log.info("model group resize ready to switch after %.1fs (%d worker(s) started)", r.prepared_s,
                      len(started))
         except Exception as e:
-            self._abandon_resize(_short(e) if not isinstance(e, ExecutorError) else str(e))
+            if r.abandoned:
+                return self._release(r)
+            self._abandon_resize(_short(e) if not isinstance(e, ExecutorError) else str(e), r)
 
     def _placement_for(self, n_shards: int, shard_nodes: list, loads, current: PerLayerPlacement) -> PerLayerPlacement:
         """The expert placement for ``n_shards``: planned from the measured load when there is some, else the
@@ -535,12 +541,22 @@ class RayExecutor:
             new = PerLayerPlacement.uniform(base, len(self.args.moe_layers), version)
         return eplb.align(new, current)
 
-    def _abandon_resize(self, why: str) -> None:
+    def _abandon_resize(self, why: str, only: "_Resize | None" = None) -> None:
+        """Give up the pending resize (``only``: if it is still that one)."""
         with self._eplb_lock:
-            r, self._resize = self._resize, None
-        if r is None:
-            return
+            r = self._resize
+            if r is None or (only is not None and r is not only):
+                return
+            self._resize = None
         r.abandoned = True
+        self._release(r)
+        self.resizes.append({**r.describe(), "done": False, "error": why})
+        log.error("model group resize to %d attention worker(s) + %d expert shard(s) abandoned: %s",
+                  r.attention_workers, r.expert_shards, why)
+
+    @staticmethod
+    def _release(r: "_Resize") -> None:
+        """Stop the workers an abandoned resize started and give back its placement group."""
         for w in r.attention + r.shards:
             try:
                 ray.kill(w, no_restart=True)
@@ -551,9 +567,6 @@ class RayExecutor:
                 remove_placement_group(r.pg)
             except Exception:
                 pass
-        self.resizes.append({**r.describe(), "done": False, "error": why})
-        log.error("model group resize to %d attention worker(s) + %d expert shard(s) abandoned: %s",
-                  r.attention_workers, r.expert_shards, why)
 
     def switch_layout(self) -> dict:
         """Switch the group to the prepared layout (engine thread, at a step boundary, with the removed attention
