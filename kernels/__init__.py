@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._config import ENV_VAR, HAS_TRITON, backend_choice, use_triton
-from .mla_decode import mla_decode_torch, mla_decode_triton, yarn_softmax_scale
+from .mla_decode import mla_decode_plan, mla_decode_torch, mla_decode_triton, yarn_softmax_scale
 from .moe_align import moe_align_torch, moe_align_triton
 from .w4a16_moe import fused_moe_int4_torch, fused_moe_int4_triton
 
@@ -18,7 +18,7 @@ __all__ = [
     "ENV_VAR", "HAS_TRITON", "backend_choice",
     "moe_align", "moe_align_torch", "moe_align_triton",
     "fused_moe_int4", "fused_moe_int4_torch", "fused_moe_int4_triton",
-    "mla_decode", "mla_decode_torch", "mla_decode_triton",
+    "mla_decode", "mla_decode_plan", "mla_decode_torch", "mla_decode_triton",
     "yarn_softmax_scale",
 ]
 
@@ -56,9 +56,12 @@ def mla_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     sm_scale: float,
+    plan_cache: dict | None = None,
 ) -> torch.Tensor:
     """Absorbed-MLA decode attention over the paged latent cache -> ``[B, Hq, L]`` in ``q_latent.dtype``.
+    ``plan_cache``: a dict living for one step, where the torch twin keeps its batching plan across layers.
     See :mod:`k2ray.kernels.mla_decode`."""
     tensors = (q_latent, q_rope, kv_cache, block_tables, context_lens)
-    fn = mla_decode_triton if use_triton(*tensors) else mla_decode_torch
-    return fn(*tensors, sm_scale)
+    if use_triton(*tensors):
+        return mla_decode_triton(*tensors, sm_scale)
+    return mla_decode_torch(*tensors, sm_scale, plan_cache)

@@ -48,6 +48,44 @@ def _check(q_latent, q_rope, kv_cache, block_tables, context_lens) -> tuple[int,
 # torch twin
 
 
+def mla_decode_plan(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, max_padding: float = 0.25
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """How the torch twin batches a step's sequences: groups of similar context length, each padded to its longest
+    with at most ``max_padding`` of its gathered tokens being padding (one long sequence does not make every short
+    one read as far). Per group: ``rows [b]`` (its sequences), ``slots [b, N]`` (flat cache-row index of every token
+    position; padding points at row 0, never used) and an additive ``mask [b, 1, N]`` (0 / -inf; None without
+    padding). Sequences with an empty context are in no group. The same for every layer of a step: compute once."""
+    lens = context_lens.tolist()
+    order = sorted((b for b in range(len(lens)) if lens[b] > 0), key=lambda b: -lens[b])
+    groups: list[list[int]] = []
+    for b in order:
+        g = groups[-1] if groups else None
+        if g is not None:
+            longest, real = lens[g[0]], sum(lens[x] for x in g) + lens[b]
+            if longest * (len(g) + 1) - real <= max_padding * longest * (len(g) + 1):
+                g.append(b)
+                continue
+        groups.append([b])
+    dev, width = block_tables.device, block_tables.shape[1]
+    plan = []
+    for g in groups:
+        n = lens[g[0]]
+        g = sorted(g)  # in batch order: a group of every sequence is the batch itself
+        rows = torch.tensor(g, dtype=torch.int64, device=dev)
+        g_lens = context_lens.to(torch.int64, copy=False)[rows]
+        pos = torch.arange(n, device=dev)
+        live = pos[None, :] < g_lens[:, None]  # [b, N]
+        blocks = block_tables.to(torch.int64)[rows].gather(1, (pos // block_size).clamp(max=width - 1)
+                                                           .expand(len(g), -1))
+        slots = torch.where(live, blocks * block_size + pos % block_size, torch.zeros_like(blocks))
+        mask = None
+        if not bool(live.all()):
+            mask = torch.zeros(len(g), 1, n, device=dev).masked_fill(~live[:, None, :], float("-inf"))
+        plan.append((rows, slots, mask))
+    return plan
+
+
 def mla_decode_torch(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -55,26 +93,29 @@ def mla_decode_torch(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     sm_scale: float,
+    plan_cache: dict | None = None,
 ) -> torch.Tensor:
-    """Reference: gather each sequence's tokens (padded to the longest), masked fp32 softmax."""
+    """Per group of similar-length sequences (:func:`mla_decode_plan`): gather their latents, scores as one batched
+    matmul over ``[c_kv | k_rope]``, softmax in fp32, output as a second one. ``plan_cache``: a dict that lives for
+    one step (the attention metadata's), so the plan is made once for all layers."""
     B, Hq, L, R = _check(q_latent, q_rope, kv_cache, block_tables, context_lens)
-    block_size = kv_cache.shape[1]
-    lens = context_lens.to(torch.int64)
-    max_len = int(lens.max()) if B else 0
-    if max_len == 0:
-        return torch.zeros((B, Hq, L), dtype=q_latent.dtype, device=q_latent.device)
-    pos = torch.arange(max_len, device=kv_cache.device)
-    live = pos[None, :] < lens[:, None]  # [B, N]
-    blocks = block_tables.to(torch.int64).gather(1, (pos // block_size).clamp(max=block_tables.shape[1] - 1)
-                                                 .expand(B, -1))
-    blocks = torch.where(live, blocks, torch.zeros_like(blocks))  # padding entries are never dereferenced
-    tokens = kv_cache[blocks, (pos % block_size).expand(B, -1)].to(torch.float32)  # [B, N, L + R]
-    c_kv, k_rope = tokens[..., :L], tokens[..., L:]
-    scores = (torch.einsum("bhl,bnl->bhn", q_latent.float(), c_kv)
-              + torch.einsum("bhr,bnr->bhn", q_rope.float(), k_rope)) * sm_scale
-    scores = scores.masked_fill(~live[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty sequences: all -inf -> zeros
-    return torch.einsum("bhn,bnl->bhl", probs, c_kv).to(q_latent.dtype)
+    out = torch.zeros((B, Hq, L), dtype=q_latent.dtype, device=q_latent.device)
+    key = ("mla_decode_plan", kv_cache.shape[1])
+    plan = plan_cache.get(key) if plan_cache is not None else None
+    if plan is None:
+        plan = mla_decode_plan(block_tables, context_lens, kv_cache.shape[1])
+        if plan_cache is not None:
+            plan_cache[key] = plan
+    flat = kv_cache.view(-1, L + R)
+    q = torch.cat([q_latent, q_rope], dim=-1).float()  # [B, Hq, L + R]
+    for rows, slots, mask in plan:
+        tokens = flat[slots].float()  # [b, N, L + R]; .float() is free for an fp32 cache
+        qg = q if len(rows) == B else q[rows]  # rows are in batch order (mla_decode_plan)
+        scores = torch.bmm(qg, tokens.transpose(1, 2))  # [b, Hq, N]
+        scores = scores.mul_(sm_scale) if mask is None else scores.mul_(sm_scale).add_(mask)
+        probs = torch.softmax(scores, dim=-1)
+        out[rows] = torch.bmm(probs, tokens[..., :L]).to(out.dtype)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------

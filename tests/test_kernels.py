@@ -285,6 +285,33 @@ def test_mla_decode_torch_matches_naive(name):
     torch.testing.assert_close(got.double(), naive_mla(*args), rtol=1e-5, atol=1e-5)
 
 
+def test_mla_decode_plan_groups_by_length_and_shares_one_plan():
+    """The twin batches sequences of similar length together (little padding), leaves empty ones out, and a plan
+    made once serves every call of a step with the same result as planning each time."""
+    from k2ray.kernels import mla_decode_plan, mla_decode_torch
+
+    args = mla_case("fp32_split1")  # lens 1, 4, 13, 70
+    plan = mla_decode_plan(args[3], args[4], args[2].shape[1])
+    assert sorted(int(r) for rows, _, _ in plan for r in rows) == [0, 1, 2, 3]
+    for rows, slots, mask in plan:
+        longest = int(args[4][rows].max())
+        assert slots.shape == (len(rows), longest)
+        padded = (len(rows) * longest - int(args[4][rows].sum())) / (len(rows) * longest)
+        assert padded <= 0.25 and (mask is None) == (padded == 0)
+    empty = mla_case("fp32_split5_heads20")  # lens 7, 0, 66: the empty one is in no group
+    assert 1 not in {int(r) for rows, _, _ in mla_decode_plan(empty[3], empty[4], empty[2].shape[1]) for r in rows}
+    cache: dict = {}
+    first = mla_decode_torch(*args, cache)
+    assert len(cache) == 1
+    torch.testing.assert_close(mla_decode_torch(*args, cache), first, rtol=0, atol=0)
+    torch.testing.assert_close(first.double(), naive_mla(*args), rtol=1e-5, atol=1e-5)
+    # A sequence's output does not depend on the others in the batch: any subset, in any order, gives the same.
+    for sub in ([3, 1], [2, 0, 3], [1]):
+        idx = torch.tensor(sub)
+        part = mla_decode_torch(args[0][idx], args[1][idx], args[2], args[3][idx], args[4][idx], args[5])
+        torch.testing.assert_close(part, first[idx], rtol=1e-6, atol=1e-6)
+
+
 def test_yarn_softmax_scale():
     from k2ray.kernels import yarn_softmax_scale
 

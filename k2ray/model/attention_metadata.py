@@ -28,6 +28,8 @@ class AttentionMetadata:
     block_size: int = 16
     # Filled lazily for the batched decode path (all q_len == 1).
     _decode: dict = field(default_factory=dict, repr=False)
+    # What kernels prepare once per step and reuse in every layer (e.g. the MLA decode twin's batching plan).
+    step_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:

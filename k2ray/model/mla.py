@@ -110,7 +110,7 @@ class MLAttention(nn.Module):
         if decode:
             # Single-token sequences go through the batched absorbed path even when the step also has prompt chunks.
             rows, block_tables, context_lens = meta.decode_tensors(device)
-            out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, block_tables, context_lens)
+            out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, block_tables, context_lens, meta.step_cache)
         if len(decode) < len(meta.seqs):
             batched = set(decode)
             for i, s in enumerate(meta.seqs):
@@ -162,13 +162,16 @@ class MLAttention(nn.Module):
         kv_cache: torch.Tensor,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
+        step_cache: dict | None = None,
     ) -> torch.Tensor:
-        """Absorbed MLA for one new token per sequence, batched over sequences."""
+        """Absorbed MLA for one new token per sequence, batched over sequences (``step_cache``: the step's, so the
+        kernel's per-step preparation is shared by every layer)."""
         from k2ray.kernels import mla_decode
 
         w_uk, w_uv = self._absorbed_weights()
         q_latent = torch.einsum("bhn,hnl->bhl", q_nope, w_uk)
         out_latent = mla_decode(
-            q_latent.to(kv_cache.dtype), q_pe.to(kv_cache.dtype), kv_cache, block_tables, context_lens, self.scale
+            q_latent.to(kv_cache.dtype), q_pe.to(kv_cache.dtype), kv_cache, block_tables, context_lens, self.scale,
+            step_cache,
         ).to(q_nope.dtype)
         return torch.einsum("bhl,hvl->bhv", out_latent, w_uv)

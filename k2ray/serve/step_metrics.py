@@ -39,8 +39,6 @@ class MeteredExecutor:
         self._switch_pause = metrics.POOL_RESIZE_PAUSE_SECONDS.labels(model=model)
         self._pool_workers = {pool: metrics.POOL_WORKERS.labels(model=model, pool=pool)
                               for pool in ("attention_workers", "expert_shards")}
-        self._pool_workers["attention_workers"].set(inner.num_attention_workers)
-        self._pool_workers["expert_shards"].set(getattr(getattr(inner, "layout", None), "expert_shards", 1))
         self._switch = metrics.EPLB_SWITCH_SECONDS.labels(model=model)
 
     # -- the Executor contract, forwarded ---------------------------------------------------------------------------
@@ -89,7 +87,6 @@ class MeteredExecutor:
                 was = record["from"][pool]
                 if n != was:
                     metrics.POOL_RESIZES_TOTAL.inc(model=self._model, pool=pool, direction="up" if n > was else "down")
-                self._pool_workers[pool].set(n)
             self._exchanges = max(1, len(self.inner.args.moe_layers)) * self.inner.num_attention_workers
         except Exception:
             log.debug("resize metrics failed", exc_info=True)
@@ -145,9 +142,12 @@ class MeteredExecutor:
         return out
 
     def flush_expert_load(self) -> None:
+        """The poller's once-a-second export: expert load, balancedness and the pools' sizes."""
         layout = getattr(self.inner, "layout", None)  # an elastic expert pool may be below the tracker's max
         with self._tracker_lock:
             self._tracker.flush(layout.expert_shards if layout is not None else None)
+        self._pool_workers["attention_workers"].set(self.inner.num_attention_workers)
+        self._pool_workers["expert_shards"].set(layout.expert_shards if layout is not None else 1)
         per_layer = self.inner.balancedness() if hasattr(self.inner, "balancedness") else None
         if per_layer:
             for layer, b in per_layer.items():
