@@ -80,6 +80,8 @@ class RayExecutor:
         self.failed: str | None = None
         self._eplb_lock = threading.Lock()  # the placement and the rebalance state (engine and router threads)
         self._resize: _Resize | None = None  # a pool resize being prepared
+        self._workers_lock = threading.Lock()  # a resize's switch replaces the workers; the heartbeat must not ping
+        # the removed ones meanwhile
         self.resizes: list[dict] = []  # every finished or abandoned resize, oldest first
         self._expert_wait_s = self._execute_s = 0.0  # the policy's expert-pool signal, since the last take
         self._start()
@@ -239,6 +241,10 @@ class RayExecutor:
         ``timeout_s`` is not judged: a stalled group is found by the next step's collective timeout."""
         if self.failed:
             return self.failed
+        with self._workers_lock:
+            return self._ping_all(timeout_s)
+
+    def _ping_all(self, timeout_s: float) -> str | None:
         names = [f"attention worker {i}" for i in range(len(self.attention))]
         names += [f"expert shard {s}" for s in range(len(self.shards))]
         workers = self.attention + self.shards
@@ -572,6 +578,10 @@ class RayExecutor:
         """Switch the group to the prepared layout (engine thread, at a step boundary, with the removed attention
         workers idle): every kept and added worker joins a new process group; removed workers stop. Returns the
         resize's record (``pause_s``: how long the group did not step)."""
+        with self._workers_lock:
+            return self._switch_layout()
+
+    def _switch_layout(self) -> dict:
         r = self._resize
         if r is None or not r.ready:
             raise RuntimeError("no prepared resize to switch to")
@@ -593,12 +603,12 @@ class RayExecutor:
         refs = [w.regroup.remote(layout, r.placement, backend, address, port, timeout) for w in attention]
         refs += [sh.regroup.remote(layout, r.placement.version if restaged and s < kept_shards else None, backend,
                                    address, port, timeout) for s, sh in enumerate(shards)]
+        self.attention, self.shards = attention, shards  # a failure below tears the new set down
         for w in removed:  # they hold nothing the new layout needs (the engine drained the attention workers)
             try:
                 ray.kill(w, no_restart=True)
             except Exception:
                 pass
-        self.attention, self.shards = attention, shards  # a failure below tears the new set down
         self._get(refs, timeout + 30, "switching to the resized layout")
         if r.pg is not None:
             self._added_pgs.append((r.pg, r.attention + r.shards))
