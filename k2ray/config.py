@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -523,26 +523,19 @@ class ElasticConfig(BaseModel):
     attention_workers: PoolRange = PoolRange()
     expert_shards: PoolRange = PoolRange()
     policy: bool = True  # the router resizes on its own signals; False: only the admin call does
-    window_s: float = 30.0  # a signal must hold this long before the policy acts on it
-    cooldown_s: float = 120.0  # no resize this soon after the last one (new workers need time to show their effect)
+    window_s: float = Field(30.0, ge=0)  # a signal must hold this long before the policy acts on it
+    cooldown_s: float = Field(120.0, ge=0)  # no resize this soon after the last one (new workers need time to show)
     kv_usage_high: float = 0.85  # attention up at or above this mean KV-cache use ...
-    waiting_high: float = 1.0  # ... or this many waiting sequences (mean over the window)
+    waiting_high: float = Field(1.0, ge=0)  # ... or this many waiting sequences (mean over the window)
     kv_usage_low: float = 0.3  # attention down below this use with nothing waiting
     expert_wait_high: float = 0.5  # experts up when the attention workers wait this share of a step for them
     expert_wait_low: float = 0.15  # experts down below this share
     # A removed attention worker takes no new sequences; those running on it have this long to finish before they
     # move to the other workers by recomputation.
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = Field(30.0, ge=0)
     # Added workers wait this long for their resources (a pending placement group lets the KubeRay autoscaler add a
     # node); the resize is abandoned after it.
-    reserve_timeout_s: float = 600.0
-
-    @field_validator("window_s", "cooldown_s", "drain_timeout_s", "reserve_timeout_s", "waiting_high")
-    @classmethod
-    def _non_negative(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must not be negative")
-        return v
+    reserve_timeout_s: float = Field(600.0, ge=0)
 
     @model_validator(mode="after")
     def _thresholds(self) -> "ElasticConfig":
