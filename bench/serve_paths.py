@@ -14,31 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import tempfile
-import time
 
-import httpx
+from vs_vllm import free_port, wait_health
 
 DIRECT_PORT = 30500
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, what: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"serve_paths: {what} did not answer within {timeout_s:.0f}s")
 
 
 def main(argv=None) -> int:
@@ -63,7 +43,7 @@ def main(argv=None) -> int:
     env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_PORT)}
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env})
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     parallel = ({"executor": "ray", "attention_workers": 1, "expert_shards": 2, "cpus_per_worker": 0.5}
                 if args.ray else {"executor": "local"})
@@ -72,16 +52,16 @@ def main(argv=None) -> int:
     print(f"starting the app ({args.model}, {parallel['executor']} executor, direct ingress on) ...", flush=True)
     serve.run(build_app(app_args), name="k2ray", route_prefix="/")
     proxy = f"http://127.0.0.1:{port}"
-    _wait(proxy, "Serve's proxy")
-    _wait(f"http://127.0.0.1:{DIRECT_PORT}", "the ingress replica's own server")
-    settings = edge.EdgeSettings(listen=f"127.0.0.1:{_free_port()}", upstream=f"127.0.0.1:{port}",
+    wait_health(proxy, "Serve's proxy")
+    wait_health(f"http://127.0.0.1:{DIRECT_PORT}", "the ingress replica's own server")
+    settings = edge.EdgeSettings(listen=f"127.0.0.1:{free_port()}", upstream=f"127.0.0.1:{port}",
                                  direct=f"127.0.0.1:{DIRECT_PORT}-{DIRECT_PORT}", max_requests=65535,
                                  max_per_client=65535)
     proc = edge.start(settings)
     paths = {"Serve's proxy": proxy, "edge -> direct ingress": "http://" + settings.listen,
              "direct ingress": f"http://127.0.0.1:{DIRECT_PORT}"}
     try:
-        _wait(paths["edge -> direct ingress"], "the edge")
+        wait_health(paths["edge -> direct ingress"], "the edge")
         rows = []
         for c in args.concurrency:
             got = {}

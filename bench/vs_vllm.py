@@ -54,14 +54,14 @@ def wait_health(url: str, what: str, proc: subprocess.Popen | None = None, timeo
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"vs_vllm: {what} exited with {proc.returncode} before answering")
+            raise SystemExit(f"bench: {what} exited with {proc.returncode} before answering")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1.0)
-    raise SystemExit(f"vs_vllm: {what} did not answer within {timeout_s:.0f}s")
+    raise SystemExit(f"bench: {what} did not answer within {timeout_s:.0f}s")
 
 
 # -- vLLM's environment -------------------------------------------------------------------------------------------------

@@ -493,6 +493,9 @@ class EplbConfig(BaseModel):
         return self
 
 
+POOLS = ("attention_workers", "expert_shards")  # the two pools of a model group, by their ParallelConfig fields
+
+
 class PoolRange(BaseModel):
     """How far one pool may be resized while serving (None: the count it starts with)."""
 
@@ -595,26 +598,28 @@ class ParallelConfig(BaseModel):
             raise ValueError("device 'cuda' needs gpus_per_worker > 0")
         if self.eplb.interval_steps and (self.executor != "ray" or self.expert_shards < 2):
             raise ValueError("eplb.interval_steps needs executor 'ray' and at least 2 expert_shards")
-        for pool in ("attention_workers", "expert_shards"):
-            lo, hi = self.elastic.bounds(pool, getattr(self, pool))
+        for pool in POOLS:
+            lo, hi = self.pool_bounds(pool)
             if not lo <= getattr(self, pool) <= hi:
                 raise ValueError(f"elastic.{pool}: min={lo} and max={hi} must hold {pool}={getattr(self, pool)}")
         if self.elastic_pools and self.executor != "ray":
             raise ValueError("elastic pools (elastic.*.max above min) need executor 'ray'")
         return self
 
+    def pool_bounds(self, pool: str) -> tuple[int, int]:
+        """(min, max) of ``pool`` ("attention_workers" or "expert_shards"): ``elastic``'s range, by default the
+        pool's own size."""
+        return self.elastic.bounds(pool, getattr(self, pool))
+
     @property
     def elastic_pools(self) -> list[str]:
         """The pools that may be resized while serving."""
-        return [pool for pool in ("attention_workers", "expert_shards")
-                if (lambda b: b[1] > b[0])(self.elastic.bounds(pool, getattr(self, pool)))]
+        return [pool for pool in POOLS if (lambda b: b[1] > b[0])(self.pool_bounds(pool))]
 
     def resized(self, attention_workers: int, expert_shards: int) -> "ParallelConfig":
         """This layout with other pool sizes (the elastic ranges stay as configured, in absolute counts)."""
-        el = self.elastic.model_copy(update={
-            pool: PoolRange(min=lo, max=hi) for pool in ("attention_workers", "expert_shards")
-            for lo, hi in [self.elastic.bounds(pool, getattr(self, pool))]
-        })
+        el = self.elastic.model_copy(update={pool: PoolRange(min=lo, max=hi) for pool in POOLS
+                                             for lo, hi in [self.pool_bounds(pool)]})
         return self.model_copy(update={"attention_workers": attention_workers, "expert_shards": expert_shards,
                                        "elastic": el})
 
@@ -653,7 +658,7 @@ class ParallelConfig(BaseModel):
                 f"parallel.expert_shards={self.expert_shards} exceeds the model's n_routed_experts="
                 f"{args.n_routed_experts}"
             )
-        top = self.elastic.bounds("expert_shards", self.expert_shards)[1]
+        top = self.pool_bounds("expert_shards")[1]
         if top > args.n_routed_experts:
             raise ConfigError(f"parallel.elastic.expert_shards.max={top} exceeds the model's n_routed_experts="
                               f"{args.n_routed_experts}")

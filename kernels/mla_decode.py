@@ -68,16 +68,16 @@ def mla_decode_plan(
                 continue
         groups.append([b])
     dev, width = block_tables.device, block_tables.shape[1]
+    tables, lens64 = block_tables.to(torch.int64), context_lens.to(torch.int64)
     plan = []
     for g in groups:
         n = lens[g[0]]
         g = sorted(g)  # in batch order: a group of every sequence is the batch itself
         rows = torch.tensor(g, dtype=torch.int64, device=dev)
-        g_lens = context_lens.to(torch.int64, copy=False)[rows]
+        g_lens = lens64[rows]
         pos = torch.arange(n, device=dev)
         live = pos[None, :] < g_lens[:, None]  # [b, N]
-        blocks = block_tables.to(torch.int64)[rows].gather(1, (pos // block_size).clamp(max=width - 1)
-                                                           .expand(len(g), -1))
+        blocks = tables[rows].gather(1, (pos // block_size).clamp(max=width - 1).expand(len(g), -1))
         slots = torch.where(live, blocks * block_size + pos % block_size, torch.zeros_like(blocks))
         mask = None
         if not bool(live.all()):

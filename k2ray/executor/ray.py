@@ -118,14 +118,8 @@ class RayExecutor:
         bundle_nodes = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {})
         self.bundle_nodes = [bundle_nodes.get(self._bundle_offset + i) for i in range(n)]
         self.shard_nodes = [str(x) for x in self.bundle_nodes[p.attention_workers :]]
-        # Room for the EPLB copies from the start (the first experts until a plan knows the hot ones), so a rebalance
-        # does not grow the shards. A single shard holds every expert already: nothing to copy.
-        redundant = p.redundant_experts or (p.eplb.redundant_slots_per_shard * p.expert_shards
-                                            if p.expert_shards > 1 else 0)
-        base = ExpertPlacement.contiguous(self.args.n_routed_experts, p.expert_shards, redundant,
-                                          shard_nodes=self.shard_nodes)
         n_moe = len(self.args.moe_layers)
-        self.placement = PerLayerPlacement.uniform(base, n_moe)
+        self.placement = self._contiguous_placement(p.expert_shards, self.shard_nodes, version=0)
         self.window = LoadWindow(n_moe, self.args.n_routed_experts, p.expert_shards, p.eplb.window_steps)
         self._staging: PerLayerPlacement | None = None  # sent to the workers to stage, not switched to yet
         self._switch_ready = False  # every worker reported the staging done: the next step switches
@@ -151,6 +145,15 @@ class RayExecutor:
         )
         self.failed = None
         log.debug("model group ready in %.1fs: %s", time.perf_counter() - t0, self.describe())
+
+    def _contiguous_placement(self, n_shards: int, shard_nodes: list[str], version: int) -> PerLayerPlacement:
+        """Experts split contiguously over ``n_shards``, the same in every layer, with room for the EPLB copies from
+        the start (the first experts until a plan knows the hot ones), so a rebalance does not grow the shards. A
+        single shard holds every expert already: nothing to copy."""
+        p = self.parallel
+        redundant = p.redundant_experts or (p.eplb.redundant_slots_per_shard * n_shards if n_shards > 1 else 0)
+        base = ExpertPlacement.contiguous(self.args.n_routed_experts, n_shards, redundant, shard_nodes=shard_nodes)
+        return PerLayerPlacement.uniform(base, len(self.args.moe_layers), version)
 
     def _options(self, pool: str, pg: PlacementGroup, bundle_index: int) -> dict:
         bundle = self.parallel.pool_bundle(pool)
@@ -208,20 +211,13 @@ class RayExecutor:
         }
 
     def _teardown(self) -> None:
-        for w in getattr(self, "attention", []) + getattr(self, "shards", []):
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:
-                pass
+        _kill(getattr(self, "attention", []) + getattr(self, "shards", []))
         self.attention, self.shards = [], []
 
     def _release_added(self) -> None:
         """Remove every placement group a resize added (its workers are gone)."""
         for pg, _ in getattr(self, "_added_pgs", []):
-            try:
-                remove_placement_group(pg)
-            except Exception:
-                pass
+            _remove(pg)
         self._added_pgs = []
 
     def shutdown(self) -> None:
@@ -229,10 +225,7 @@ class RayExecutor:
         self._teardown()
         self._release_added()
         if self._external_pg is None and getattr(self, "pg", None) is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:
-                pass
+            _remove(self.pg)
             self.pg = None
 
     def heartbeat(self, timeout_s: float = 1.0) -> str | None:
@@ -431,7 +424,7 @@ class RayExecutor:
     # -- elastic pools ------------------------------------------------------------------------------------------------
     def bounds(self, pool: str) -> tuple[int, int]:
         """(min, max) of ``pool`` ("attention_workers" or "expert_shards") as configured for this group."""
-        return self._initial_parallel.elastic.bounds(pool, getattr(self._initial_parallel, pool))
+        return self._initial_parallel.pool_bounds(pool)
 
     def resize(self, attention_workers: int | None = None, expert_shards: int | None = None,
                reason: str = "admin") -> dict:
@@ -537,14 +530,11 @@ class RayExecutor:
     def _placement_for(self, n_shards: int, shard_nodes: list, loads, current: PerLayerPlacement) -> PerLayerPlacement:
         """The expert placement for ``n_shards``: planned from the measured load when there is some, else the
         contiguous split with the configured redundant copies; kept shards keep their experts in their slots."""
-        p, version = self.parallel, current.version + 1
-        slots = p.eplb.redundant_slots_per_shard
+        version, slots = current.version + 1, self.parallel.eplb.redundant_slots_per_shard
         if any(any(row) for row in loads) and (slots or n_shards > 1):
             new = eplb.plan(loads, n_shards, slots if n_shards > 1 else 0, shard_nodes, version=version)
         else:
-            redundant = p.redundant_experts or (slots * n_shards if n_shards > 1 else 0)
-            base = ExpertPlacement.contiguous(self.args.n_routed_experts, n_shards, redundant, shard_nodes=shard_nodes)
-            new = PerLayerPlacement.uniform(base, len(self.args.moe_layers), version)
+            new = self._contiguous_placement(n_shards, shard_nodes, version)
         return eplb.align(new, current)
 
     def _abandon_resize(self, why: str, only: "_Resize | None" = None) -> None:
@@ -563,16 +553,9 @@ class RayExecutor:
     @staticmethod
     def _release(r: "_Resize") -> None:
         """Stop the workers an abandoned resize started and give back its placement group."""
-        for w in r.attention + r.shards:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:
-                pass
+        _kill(r.attention + r.shards)
         if r.pg is not None:
-            try:
-                remove_placement_group(r.pg)
-            except Exception:
-                pass
+            _remove(r.pg)
 
     def switch_layout(self) -> dict:
         """Switch the group to the prepared layout (engine thread, at a step boundary, with the removed attention
@@ -604,11 +587,7 @@ class RayExecutor:
         refs += [sh.regroup.remote(layout, r.placement.version if restaged and s < kept_shards else None, backend,
                                    address, port, timeout) for s, sh in enumerate(shards)]
         self.attention, self.shards = attention, shards  # a failure below tears the new set down
-        for w in removed:  # they hold nothing the new layout needs (the engine drained the attention workers)
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:
-                pass
+        _kill(removed)  # they hold nothing the new layout needs (the engine drained the attention workers)
         self._get(refs, timeout + 30, "switching to the resized layout")
         if r.pg is not None:
             self._added_pgs.append((r.pg, r.attention + r.shards))
@@ -619,10 +598,7 @@ class RayExecutor:
             if members:
                 still.append((pg, members))
             else:
-                try:
-                    remove_placement_group(pg)
-                except Exception:
-                    pass
+                _remove(pg)
         self._added_pgs = still
         with self._eplb_lock:
             self.parallel = p.resized(a, e)
@@ -668,6 +644,22 @@ class _Resize:
     def describe(self) -> dict:
         return {"to": {"attention_workers": self.attention_workers, "expert_shards": self.expert_shards},
                 "reason": self.reason, "ready": self.ready, "prepared_s": self.prepared_s}
+
+
+def _kill(actors: list) -> None:
+    """Stop actors for good (already dead ones included)."""
+    for w in actors:
+        try:
+            ray.kill(w, no_restart=True)
+        except Exception:
+            pass
+
+
+def _remove(pg: PlacementGroup) -> None:
+    try:
+        remove_placement_group(pg)
+    except Exception:
+        pass
 
 
 # What a Ray error says of where it happened: kept out of messages that reach clients (/health, error bodies).

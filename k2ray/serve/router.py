@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from k2ray import logs, metrics
+from k2ray.config import POOLS
 from k2ray.parallel.elastic import ElasticPolicy, PoolSignals
 from k2ray.runtime.sampling import ParamError
 from k2ray.serve.config import ServeArgs
@@ -94,8 +95,7 @@ class K2Router:
             "hit": metrics.PREFIX_CACHE_HIT_TOKENS_TOTAL.labels(model=self.model_name),
         }
         p = self.args.parallel
-        self._policy = ElasticPolicy(p.elastic, p.elastic.bounds("attention_workers", p.attention_workers),
-                                     p.elastic.bounds("expert_shards", p.expert_shards)) if (
+        self._policy = ElasticPolicy(p.elastic, p.pool_bounds("attention_workers"), p.pool_bounds("expert_shards")) if (
             p.elastic_pools and p.elastic.policy) else None  # resizes the pools on the group's own signals
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_gauges, name="k2ray-router-gauges", daemon=True)
@@ -114,7 +114,7 @@ class K2Router:
 
             self.tokenizer = load_tokenizer(self.model_dir)
             self.eos_token_ids = load_eos_token_ids(self.model_dir)
-            shards = p.elastic.bounds("expert_shards", p.expert_shards)[1]  # the most the group may have
+            shards = p.pool_bounds("expert_shards")[1]  # the most the group may have
             self.executor = MeteredExecutor(self._make_executor(), self.model_name, shards)
             self.engine = self._make_engine()
         except Exception as e:
@@ -322,8 +322,7 @@ class K2Router:
                             "attention_workers": now.attention_workers if now else p.attention_workers,
                             "expert_shards": now.expert_shards if now else p.expert_shards, "device": p.device}
         if p.elastic_pools:
-            base["parallel"]["elastic"] = {pool: dict(zip(("min", "max"), p.elastic.bounds(pool, getattr(p, pool))))
-                                           for pool in ("attention_workers", "expert_shards")}
+            base["parallel"]["elastic"] = {pool: dict(zip(("min", "max"), p.pool_bounds(pool))) for pool in POOLS}
         return base
 
     async def rebalance(self) -> dict:

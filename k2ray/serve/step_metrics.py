@@ -96,13 +96,6 @@ class MeteredExecutor:
         take = getattr(self.inner, "take_expert_wait", None)
         return take() if take is not None else 0.0
 
-    def bounds(self, pool: str) -> tuple[int, int]:
-        bounds = getattr(self.inner, "bounds", None)
-        if bounds is None:
-            n = self.inner.num_attention_workers if pool == "attention_workers" else self._shards
-            return (n, n)
-        return bounds(pool)
-
     def execute(self, step):
         t0 = time.perf_counter()
         out = self.inner.execute(step)
