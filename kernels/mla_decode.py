@@ -48,12 +48,19 @@ def _check(q_latent, q_rope, kv_cache, block_tables, context_lens) -> tuple[int,
 # torch twin
 
 
+# Padding a group may carry whatever its share, in multiply-adds (padded tokens x heads x latent width): below this an
+# extra group's fixed cost (a gather, two matmuls, a softmax) outweighs the work it saves.
+PADDING_SLACK_MACS = 1 << 19
+
+
 def mla_decode_plan(
-    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, max_padding: float = 0.25
+    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, max_padding: float = 0.25,
+    token_macs: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """How the torch twin batches a step's sequences: groups of similar context length, each padded to its longest
-    with at most ``max_padding`` of its gathered tokens being padding (one long sequence does not make every short
-    one read as far). Per group: ``rows [b]`` (its sequences), ``slots [b, N]`` (flat cache-row index of every token
+    with at most ``max_padding`` of its gathered tokens being padding, or padding worth at most
+    ``PADDING_SLACK_MACS`` at ``token_macs`` multiply-adds per token when given (one long sequence does not make every short
+    one read as far, and near-equal lengths stay one batch). Per group: ``rows [b]`` (its sequences), ``slots [b, N]`` (flat cache-row index of every token
     position; padding points at row 0, never used) and an additive ``mask [b, 1, N]`` (0 / -inf; None without
     padding). Sequences with an empty context are in no group. The same for every layer of a step: compute once."""
     lens = context_lens.tolist()
@@ -63,7 +70,8 @@ def mla_decode_plan(
         g = groups[-1] if groups else None
         if g is not None:
             longest, real = lens[g[0]], sum(lens[x] for x in g) + lens[b]
-            if longest * (len(g) + 1) - real <= max_padding * longest * (len(g) + 1):
+            waste, padded = longest * (len(g) + 1) - real, longest * (len(g) + 1)
+            if waste <= max_padding * padded or (token_macs and waste * token_macs <= PADDING_SLACK_MACS):
                 g.append(b)
                 continue
         groups.append([b])
@@ -103,7 +111,7 @@ def mla_decode_torch(
     key = ("mla_decode_plan", kv_cache.shape[1])
     plan = plan_cache.get(key) if plan_cache is not None else None
     if plan is None:
-        plan = mla_decode_plan(block_tables, context_lens, kv_cache.shape[1])
+        plan = mla_decode_plan(block_tables, context_lens, kv_cache.shape[1], token_macs=Hq * (L + R))
         if plan_cache is not None:
             plan_cache[key] = plan
     flat = kv_cache.view(-1, L + R)
