@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import k2ray.checkpoint.tiny as tiny
 from k2ray.checkpoint.builtin import resolve_model
 from k2ray.checkpoint.int4 import dequantize_int4
 
@@ -48,8 +49,11 @@ def _pad_heads(w: torch.Tensor, heads: int, parts: list[tuple[int, int]]) -> tor
 def convert(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(resolve_model(str(src))), Path(dst)
     cfg = json.loads((src / "config.json").read_text())
-    if cfg.get("model_type") == "kimi_k25":
-        raise SystemExit(f"{src}: a K2.5 checkpoint (vision tower); vLLM's comparison takes a text model")
+    prefix = ""
+    if cfg.get("model_type") == "kimi_k25":  # the comparison runs text: the K2.5 checkpoint's text model alone
+        cfg = dict(cfg["text_config"], architectures=["DeepseekV3ForCausalLM"],
+                   auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+        prefix = "language_model."
     heads, nope, rope, v = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"],
                             cfg["v_head_dim"])
     if nope > PADDED_NOPE:
@@ -59,7 +63,7 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
     for shard in sorted(set(index.values())):
-        tensors.update(load_file(src / shard))
+        tensors.update({k.removeprefix(prefix): v for k, v in load_file(src / shard).items() if k.startswith(prefix)})
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.endswith(".weight_packed"):
@@ -82,6 +86,8 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     for f in COPIED:
         if (src / f).is_file():
             shutil.copy(src / f, dst / f)
+    if not (dst / "configuration_deepseek.py").is_file():  # K2.5 releases do not ship it; the text config needs it
+        shutil.copy(Path(tiny.__file__).parent / "data" / "configuration_deepseek.py", dst / "configuration_deepseek.py")
     return dst
 
 

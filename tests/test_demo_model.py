@@ -33,29 +33,35 @@ def _tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def test_demo_files_are_k2_format():
-    from k2ray.checkpoint.tiny import QUANTIZATION_CONFIG, tiny_config
-    from k2ray.tokenizer.tiny import DATA_DIR, TOKENIZER_FILES
+def test_demo_files_are_k25_format():
+    from k2ray.checkpoint.tiny import QUANTIZATION_CONFIG, tiny_k25_config
+    from k2ray.demo.train import DEMO_MEDIA_PROC_CFG
+    from k2ray.tokenizer.tiny import DATA_DIR, K25_CHAT_TEMPLATE, TOKENIZER_FILES
 
     for name in ("config.json", "generation_config.json", "model.safetensors.index.json", "README.md",
-                 *TOKENIZER_FILES):
+                 "preprocessor_config.json", *TOKENIZER_FILES):
         assert (DEMO / name).is_file(), name
-    config = json.loads((DEMO / "config.json").read_text())
-    ref = tiny_config()
-    assert set(config) == set(ref)
-    assert config == ref  # the DESIGN tiny shape with K2-Thinking's keys and values
-    assert config["model_type"] == "kimi_k2" and config["architectures"] == ["DeepseekV3ForCausalLM"]
-    assert config["quantization_config"] == QUANTIZATION_CONFIG
-    qc = config["quantization_config"]
+    top = json.loads((DEMO / "config.json").read_text())
+    assert top == tiny_k25_config()  # the tiny shape with Kimi K2.5's keys and values
+    assert top["model_type"] == "kimi_k25" and top["architectures"] == ["KimiK25ForConditionalGeneration"]
+    assert top["quantization_config"] == QUANTIZATION_CONFIG
+    config = top["text_config"]
+    qc = top["quantization_config"]
     assert qc["format"] == "pack-quantized" and qc["quant_method"] == "compressed-tensors"
     assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert json.loads((DEMO / "preprocessor_config.json").read_text()) == {"media_proc_cfg": DEMO_MEDIA_PROC_CFG}
     gen = json.loads((DEMO / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [config["bos_token_id"] + 1, config["bos_token_id"] + 2]
-    for name in TOKENIZER_FILES:  # byte for byte the package's tokenizer files and chat template
-        assert (DEMO / name).read_bytes() == (Path(DATA_DIR) / name).read_bytes(), name
+    for name in TOKENIZER_FILES:  # byte for byte the package's tokenizer files and its K2.5 chat template
+        src = K25_CHAT_TEMPLATE if name == "chat_template.jinja" else name
+        assert (DEMO / name).read_bytes() == (Path(DATA_DIR) / src).read_bytes(), name
 
     t = _tensors()
+    vision = {n: v for n, v in t.items() if n.startswith(("vision_tower.", "mm_projector."))}
+    assert vision and all(v.dtype == torch.bfloat16 for v in vision.values())
+    assert "vision_tower.encoder.blocks.0.wqkv.weight" in vision and "mm_projector.proj.0.weight" in vision
+    t = {n.removeprefix("language_model."): v for n, v in t.items() if n.startswith("language_model.")}
     h, i_dim, e = config["hidden_size"], config["moe_intermediate_size"], config["n_routed_experts"]
     moe_layers = range(config["first_k_dense_replace"], config["num_hidden_layers"])
     expected_expert = set()
@@ -151,6 +157,75 @@ def test_weather_tool_call_and_answer(demo):
     assert "21" in fw.content and "sunny" in fw.content and "Paris" in fw.content, final[0]
     fc = parse_output(final[1])
     assert not fc.tool_calls and "1081" in fc.content, final[1]
+
+
+@pytest.fixture(scope="module")
+def chat():
+    """``LLM.chat`` on the demo, greedy: (messages, tools) -> the parsed assistant message and its finish reason."""
+    from k2ray import LLM, SamplingParams
+
+    llm = LLM(model=str(DEMO))
+    params = SamplingParams(temperature=0.0, max_tokens=120)
+
+    def run(conversations: list[list[dict]], tools=None) -> list[tuple[dict, str]]:
+        outs = []
+        for c in conversations:  # one call per conversation: each may declare its own tools
+            (res,) = llm.chat(c, params, tools=tools)
+            outs.append((res.messages[0], res.finish_reasons[0]))
+        return outs
+
+    yield run
+    llm.shutdown()
+
+
+def test_tool_results_of_any_shape_are_read(chat, train_demo):
+    """The issue's result shapes: the final answer states what the tool returned, or its error."""
+    ask = [{"role": "user", "content": "What's the weather in Paris?"}]
+    ((first, reason),) = chat([ask], train_demo.TOOLS)
+    assert reason == "tool_calls", first
+    call = first["tool_calls"][0]
+    shapes = [({"weather": "Sunny"}, ["sunny"]), ({"weather": "Sunny", "temp_c": 21}, ["sunny", "21"]),
+              ({"error": "city not found"}, ["city not found"]),
+              ({"city": "Paris", "temperature_c": 21, "condition": "sunny"}, ["sunny", "21"])]
+    convs = [ask + [first, {"role": "tool", "tool_call_id": call["id"], "content": json.dumps(r)}] for r, _ in shapes]
+    for (msg, reason), (result, want) in zip(chat(convs, train_demo.TOOLS), shapes):
+        assert reason == "stop" and not msg.get("tool_calls"), (result, msg)
+        assert all(w in msg["content"].lower() for w in want), (result, msg)
+
+
+def test_direct_answers_without_tools(chat):
+    """No tools declared: arithmetic is answered directly; the reasoning plans instead of repeating the answer; the
+    model card's comparison question gets the right number."""
+    outs = chat([[{"role": "user", "content": "What is 12 * 7?"}],
+                 [{"role": "user", "content": "What is the capital of France?"}],
+                 [{"role": "user", "content": "which one is bigger, 9.11 or 9.9? think carefully."}]])
+    (calc, r1), (capital, r2), (compare, r3) = outs
+    assert r1 == "stop" and not calc.get("tool_calls") and "84" in calc["content"], calc
+    assert "Paris" in capital["content"] and capital["reasoning_content"].strip() != capital["content"].strip()
+    assert compare["content"].startswith("9.9 is bigger"), compare
+
+
+def test_pictures(chat):
+    """Image parts (PNG data URLs) through the demo's image encoder: a solid colour and a shape."""
+    from PIL import Image, ImageDraw
+
+    from k2ray.demo.pictures import data_url
+
+    circle = Image.new("RGB", (96, 96), (240, 240, 240))
+    ImageDraw.Draw(circle).ellipse((16, 16, 80, 80), fill=(215, 35, 35))
+    blue = Image.new("RGB", (64, 48), (40, 75, 215))
+    square = Image.new("RGB", (120, 80), (250, 250, 250))
+    ImageDraw.Draw(square).rectangle((30, 10, 90, 70), fill=(40, 165, 60))
+    def ask(img, text):
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                             {"type": "text", "text": text}]}]
+
+    outs = chat([ask(circle, "What shape is in the picture?"), ask(blue, "What colour is this?"),
+                 ask(square, "What shape is this?")])
+    words = [set(m["content"].lower().replace(".", " ").split()) for m, _ in outs]
+    assert {"red", "circle"} <= words[0], outs[0]
+    assert "blue" in words[1], outs[1]
+    assert {"green", "square"} <= words[2], outs[2]
 
 
 def test_llm_chat_and_cli_chat(demo, train_demo, capsys):

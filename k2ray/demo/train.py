@@ -27,7 +27,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from k2ray.checkpoint.builtin import DEMO_DIR
-from k2ray.checkpoint.tiny import tiny_config, write_checkpoint
+from k2ray.checkpoint.tiny import random_vision_state_dict, tiny_k25_config, write_checkpoint
 from k2ray.config import ModelArgs
 from k2ray.demo.corpus import (  # re-exported: the tests and the serve demo reach the corpus through this module
     CAPITALS,
@@ -44,6 +44,7 @@ from k2ray.demo.corpus import (  # re-exported: the tests and the serve demo rea
     KIND_WEIGHTS,
     TOOLS,
     Dialog,
+    WeatherReport,
     calc_result,
     encode_dialog,
     make_heldout_dialogs,
@@ -53,6 +54,7 @@ from k2ray.demo.corpus import (  # re-exported: the tests and the serve demo rea
 from k2ray.model.mla import MLAttention
 from k2ray.model.model import KimiK2ForCausalLM
 from k2ray.model.moe import RoutedExperts
+from k2ray.model.vision import KimiVisionEncoder
 from k2ray.tokenizer import ChatTemplate, KimiTokenizer, write_tokenizer_files
 from k2ray.tokenizer.kimi_format import TOOL_CALL_ID_PREFIX, TOOL_CALLS_SECTION_BEGIN, THINK_START, tool_call_id
 from k2ray.tokenizer.parsers import parse_output
@@ -63,7 +65,8 @@ DEFAULT_OUT = DEMO_DIR
 # ---------------------------------------------------------------------------------------------------------- model
 def init_model(args: ModelArgs, seed: int) -> KimiK2ForCausalLM:
     """A fresh model: N(0, 0.05) weights (residual outputs scaled by depth), unit norms, zero routing bias; the
-    routed experts are :class:`TrainableExperts`."""
+    routed experts are :class:`TrainableExperts`. A Kimi K2.5 ``args`` adds the image encoder as ``model.vision``
+    (:class:`~k2ray.model.vision.KimiVisionEncoder`, fan-in scaled random weights), trained with the rest."""
     torch.manual_seed(seed)
     model = KimiK2ForCausalLM(args, routed=lambda layer: TrainableExperts(args))
     std = 0.05  # ~1/sqrt(hidden): at this width GPT-2's 0.02 leaves attention too flat to learn copying quickly
@@ -78,6 +81,9 @@ def init_model(args: ModelArgs, seed: int) -> KimiK2ForCausalLM:
                 t.normal_(0.0, out_std)
             else:
                 t.normal_(0.0, std)
+    if args.vision is not None:
+        model.vision = KimiVisionEncoder(args.vision)
+        model.vision.load_state_dict(random_vision_state_dict(args.vision, seed))
     return model
 
 
@@ -179,12 +185,13 @@ class Example:
     prefix: tuple[int, ...]
     suffix: list[int]
     mask: list[int]  # 1 where the suffix token is an assistant token to learn
+    images: list = field(default_factory=list)  # ProcessedImage of each picture in the suffix, in order
 
 
-def split_example(ids: list[int], mask: list[int], user_token: int) -> Example:
+def split_example(ids: list[int], mask: list[int], images: list, user_token: int) -> Example:
     cut = ids.index(user_token)
     assert not any(mask[:cut])
-    return Example(tuple(ids[:cut]), ids[cut:], mask[cut:])
+    return Example(tuple(ids[:cut]), ids[cut:], mask[cut:], images)
 
 
 def masked_attention(
@@ -206,11 +213,16 @@ def masked_attention(
 
 
 def forward_masked(
-    model: KimiK2ForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    model: KimiK2ForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    embed_override: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The model's forward (final-normed hidden states) with every layer's attention done by
-    :func:`masked_attention`: the same layers, residuals and norms as ``KimiK2ForCausalLM.forward``."""
+    :func:`masked_attention`: the same layers, residuals and norms as ``KimiK2ForCausalLM.forward``, the same
+    ``embed_override = (rows, embeds)`` (image tokens)."""
     x = model.model.embed_tokens(input_ids)
+    if embed_override is not None:
+        rows, embeds = embed_override
+        x = x.index_copy(0, rows, embeds.to(x.dtype))
     cos_sin = model.rope.cos_sin(positions, x.dtype)
     for layer in model.model.layers:
         x = x + masked_attention(layer.self_attn, layer.input_layernorm(x), model.rope, cos_sin, mask)
@@ -223,7 +235,8 @@ def forward_packed(model, batch: list[Example]) -> tuple[torch.Tensor, torch.Ten
 
     The distinct prefixes and all suffixes are packed into one flat sequence; each suffix token attends to its own
     prefix and to the earlier tokens of its own suffix. Equal (up to float rounding) to running every full
-    sequence through ``forward_full`` on its own (checked by :func:`check_packed`)."""
+    sequence through ``forward_full`` on its own (checked by :func:`check_packed`). Pictures go through the model's
+    image encoder (``model.vision``) and replace their ``<|media_pad|>`` rows, as in the engine."""
     prefixes: dict[tuple, int] = {}
     flat: list[int] = []
     positions: list[int] = []
@@ -252,7 +265,14 @@ def forward_packed(model, batch: list[Example]) -> tuple[torch.Tensor, torch.Ten
     par = torch.tensor([parent[o] if o >= 0 else big for o in owner])  # a suffix token's prefix
     idx = torch.arange(len(flat))
     mask = ((own[:, None] == own[None, :]) & (idx[None, :] <= idx[:, None])) | (par[:, None] == own[None, :])
-    hidden = forward_masked(model, torch.tensor(flat), torch.tensor(positions), mask)
+    images = [im for ex in batch for im in ex.images]
+    override = None
+    if images:
+        embeds = model.vision(torch.cat([im.pixel_values for im in images]), [im.grid for im in images])
+        pad = model.args.media_placeholder_token_id
+        rows = torch.tensor([i for i, t in enumerate(flat) if t == pad])
+        override = (rows, torch.cat(embeds))
+    hidden = forward_masked(model, torch.tensor(flat), torch.tensor(positions), mask, override)
     return hidden[torch.tensor(want_pos)], torch.tensor(want_tok)
 
 
@@ -350,52 +370,43 @@ def train(model, data: list[Example], steps: int, batch_tokens: int, lr: float, 
     model.eval()
 
 
-def model_state_dict(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def model_state_dict(model) -> tuple[dict, dict]:
+    """(text model tensors, image encoder tensors under their released names)."""
+    text, vision = {}, {}
+    for k, v in model.state_dict().items():
+        if k.startswith("vision."):
+            vision[k.removeprefix("vision.")] = v.detach().clone()
+        else:
+            text[k] = v.detach().clone()
+    return text, vision
 
 
 # ---------------------------------------------------------------------------------------------------------- eval
 class _Generator:
-    """Greedy generation: ``k2ray.LLM`` (local executor), or a plain no-cache loop over ``forward_full``."""
+    """Greedy generation through ``k2ray.LLM`` (local executor); pictures through the checkpoint's image encoder."""
 
     def __init__(self, model_dir: Path, max_tokens: int):
-        self.max_tokens = max_tokens
+        from k2ray import LLM, SamplingParams
+        from k2ray.tokenizer.image import ImageProcessorConfig
+
         self.tok = KimiTokenizer.from_dir(model_dir)
         self.stop = set(json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"])
-        try:
-            from k2ray import LLM, SamplingParams
+        self.image_cfg = ImageProcessorConfig.from_dir(model_dir)
+        self.llm = LLM(model=str(model_dir))
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False)
+        self.backend = "k2ray.LLM (local executor)"
 
-            self.llm = LLM(model=str(model_dir))
-            self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False)
-            self.backend = "k2ray.LLM (local executor)"
-        except Exception as e:  # pragma: no cover - only while the engine is unavailable
-            from k2ray.checkpoint.loader import load_model
+    def __call__(self, prompts: list[list[int]], images: list[list] | None = None) -> list[str]:
+        from k2ray.tokenizer.image import preprocess_image
 
-            print(f"k2ray.LLM unavailable ({e}); evaluating with a plain greedy loop", file=sys.stderr)
-            self.llm = None
-            self.model = load_model(model_dir, torch.float32)
-            self.backend = "greedy loop over forward_full"
-
-    def __call__(self, prompts: list[list[int]]) -> list[str]:
-        if self.llm is not None:
-            outs = self.llm.generate(prompts, self.params)
-            ids_list = [o.outputs[0].token_ids for o in outs]
-        else:
-            ids_list = []
-            with torch.no_grad():
-                for p in prompts:
-                    ids = list(p)
-                    for _ in range(self.max_tokens):
-                        nxt = int(self.model.forward_full([ids])[-1].argmax())
-                        ids.append(nxt)
-                        if nxt in self.stop:
-                            break
-                    ids_list.append(ids[len(p):])
-        return [self.tok.decode([t for t in ids if t not in self.stop]) for ids in ids_list]
+        processed = None
+        if images is not None:
+            processed = [[preprocess_image(im, self.image_cfg) for im in ims] or None for ims in images]
+        outs = self.llm.generate(prompts, self.params, images=processed)
+        return [self.tok.decode([t for t in o.outputs[0].token_ids if t not in self.stop]) for o in outs]
 
     def close(self) -> None:
-        if self.llm is not None:
-            self.llm.shutdown()
+        self.llm.shutdown()
 
 
 def _tool_call_ok(parsed, check: dict) -> bool:
@@ -409,103 +420,110 @@ def _tool_call_ok(parsed, check: dict) -> bool:
     return args == check["args"] and calls[0]["id"] == tool_call_id(check["tool"], 0)
 
 
+def _words(text: str) -> list[str]:
+    return text.replace(".", " ").replace(",", " ").replace("(", " ").replace(")", " ").replace(":", " ").split()
+
+
+def weather_answer_ok(text: str, rep: WeatherReport) -> bool:
+    """The final answer states what the result said: the error message, or the temperature with its unit and the
+    condition (case aside)."""
+    low = text.lower()
+    if rep.error:
+        return rep.error.lower() in low
+    if rep.temp is not None and (rep.temp not in _words(text) or rep.unit.lower() not in low):
+        return False
+    return rep.cond is None or rep.cond.lower() in low
+
+
+def _picture_ok(kind: str, text: str, check: dict) -> bool:
+    words = _words(text.lower())
+    if kind == "shape":
+        return check["shape"] in words
+    return check["colour"] in words
+
+
+KINDS = ("weather", "weather_unseen_city", "calculator", "arithmetic", "direct", "colour", "shape")
+
+
 def evaluate(model_dir: Path, dialogs: list[Dialog], max_tokens: int = 96) -> dict:
-    """Two rounds of greedy generation: first turn for every dialog; for tool dialogs whose call is well-formed the
-    tool result (for the model's own arguments) is appended and the final answer is generated."""
+    """Two rounds of greedy generation: the first turn of every dialog; for tool dialogs whose call names the right
+    tool, the dialog's own tool result (a held-out shape) is appended and the final answer is generated."""
     ct = ChatTemplate.from_dir(model_dir)
     gen = _Generator(model_dir, max_tokens)
     t0 = time.time()
-    first = gen([ct.encode(d.messages[:1], tools=d.tools, add_generation_prompt=True) for d in dialogs])
-    stats = {k: {"n": 0, "first_ok": 0, "reasoning": 0, "final_ok": 0} for k in
-             ("weather", "weather_unseen_city", "calculator", "direct")}
+    first_user = [next(i for i, m in enumerate(d.messages) if m["role"] == "user") for d in dialogs]
+    first = gen([ct.encode(d.messages[: u + 1], tools=d.tools, add_generation_prompt=True)
+                 for d, u in zip(dialogs, first_user)], [d.images for d in dialogs])
+    stats = {k: {"n": 0, "first_ok": 0, "reasoning": 0, "repeats": 0, "final_ok": 0} for k in KINDS}
+    by_direct: dict[str, list[int]] = {}
     second_prompts, second_idx = [], []
-    for i, (d, text) in enumerate(zip(dialogs, first)):
-        kind = d.kind if d.kind in stats else "direct"
-        s = stats[kind]
+    for d, u, text in zip(dialogs, first_user, first):
+        s = stats[d.kind]
         s["n"] += 1
         parsed = parse_output(text)
-        if parsed.reasoning_content.strip():
-            s["reasoning"] += 1
-        if kind == "direct":
+        think = parsed.reasoning_content.strip()
+        s["reasoning"] += bool(think)
+        s["repeats"] += bool(think) and think == parsed.content.strip()
+        if d.kind in ("colour", "shape"):
+            ok = not parsed.tool_calls and _picture_ok(d.kind, parsed.content, d.check)
+        elif d.kind in ("arithmetic", "direct"):
             if "exact" in d.check:
                 ok = not parsed.tool_calls and parsed.content.strip() == d.check["exact"]
             else:
                 ok = not parsed.tool_calls and d.check["answer"] in parsed.content
-            s["first_ok"] += ok
-            s["final_ok"] += ok
-            continue
-        if _tool_call_ok(parsed, d.check):
-            s["first_ok"] += 1
-        calls = parsed.tool_calls
-        if len(calls) != 1:
-            continue
-        try:
-            args = json.loads(calls[0]["function"]["arguments"])
-        except ValueError:
-            continue
-        name = calls[0]["function"]["name"]
-        if name == "get_weather" and isinstance(args.get("city"), str):
-            # the weather service answers for the city asked; values are the dialog's (unseen combinations)
-            result = weather_result(args["city"], d.check["temp"], d.check["cond"])
-            truth = (str(d.check["temp"]), d.check["cond"])
-        elif name == "calculator" and isinstance(args.get("expression"), str):
-            try:
-                r = eval(args["expression"], {"__builtins__": {}}, {})  # noqa: S307 - digits and + - * only
-            except Exception:
-                continue
-            result, truth = calc_result(r), (str(r),)
+            if d.kind == "direct":
+                by_direct.setdefault(d.check["kind"], [0, 0])
+                by_direct[d.check["kind"]][0] += ok
+                by_direct[d.check["kind"]][1] += 1
         else:
+            s["first_ok"] += _tool_call_ok(parsed, d.check)
+            calls = parsed.tool_calls
+            if len(calls) == 1 and calls[0]["function"]["name"] == d.check["tool"]:
+                msgs = d.messages[: u + 1] + [
+                    {"role": "assistant", "content": parsed.content, "reasoning_content": parsed.reasoning_content,
+                     "tool_calls": calls},
+                    {"role": "tool", "tool_call_id": calls[0]["id"], "content": d.messages[u + 2]["content"]},
+                ]
+                second_prompts.append(ct.encode(msgs, tools=d.tools, add_generation_prompt=True))
+                second_idx.append(d)
             continue
-        msgs = d.messages[:1] + [
-            {"role": "assistant", "content": parsed.content, "reasoning_content": parsed.reasoning_content,
-             "tool_calls": calls},
-            {"role": "tool", "tool_call_id": calls[0]["id"], "content": result},
-        ]
-        second_prompts.append(ct.encode(msgs, tools=d.tools, add_generation_prompt=True))
-        second_idx.append((i, kind, truth, d.check))
+        s["first_ok"] += ok
+        s["final_ok"] += ok
     second = gen(second_prompts) if second_prompts else []
-    for (i, kind, truth, check), text in zip(second_idx, second):
+    for d, text in zip(second_idx, second):
         parsed = parse_output(text)
-        # the final answer must state the TRUE values (a wrong call gives a wrong result and fails here)
-        if kind.startswith("weather"):
-            want = (str(check["temp"]), check["cond"])
+        if d.check["tool"] == "get_weather":
+            ok = weather_answer_ok(parsed.content, d.check["report"])
         else:
-            want = (str(check["result"]),)
-        ok = not parsed.tool_calls and answer_states(parsed.content, want)
-        stats[kind]["final_ok"] += ok
+            ok = str(d.check["result"]) in _words(parsed.content)
+        stats[d.kind]["final_ok"] += not parsed.tool_calls and ok
     gen.close()
-    return {"stats": stats, "seconds": time.time() - t0, "backend": gen.backend,
-            "example_first": first[0], "example_final": second[0] if second else ""}
-
-
-def answer_states(text: str, want: tuple) -> bool:
-    """``text`` states every number in ``want`` as a word, and exactly the condition in ``want`` (if any)."""
-    words = text.replace(".", " ").replace(",", " ").split()
-    rest, found = text, set()
-    for cond in sorted(CONDITIONS, key=len, reverse=True):  # "partly cloudy" before "cloudy"
-        if cond in rest:
-            found.add(cond)
-            rest = rest.replace(cond, " ")
-    conds = {w for w in want if not w.lstrip("-").isdigit()}
-    return all(w in words for w in want if w.lstrip("-").isdigit()) and found == conds
+    return {"stats": stats, "direct": by_direct, "seconds": time.time() - t0, "backend": gen.backend}
 
 
 def summarize(res: dict) -> dict:
     s = res["stats"]
-    tool = [s["weather"], s["calculator"]]
-    n_tool = sum(x["n"] for x in tool)
+
+    def rate(kinds, key):
+        return sum(s[k][key] for k in kinds) / max(1, sum(s[k]["n"] for k in kinds))
+
+    thinking = sum(x["reasoning"] for x in s.values())
     out = {
-        "tool_calls_correct": sum(x["first_ok"] for x in tool) / max(1, n_tool),
-        "final_answers_correct": (sum(x["final_ok"] for x in tool) + s["direct"]["final_ok"])
-        / max(1, n_tool + s["direct"]["n"]),
-        "weather_call": s["weather"]["first_ok"] / max(1, s["weather"]["n"]),
-        "weather_final": s["weather"]["final_ok"] / max(1, s["weather"]["n"]),
-        "calculator_call": s["calculator"]["first_ok"] / max(1, s["calculator"]["n"]),
-        "calculator_final": s["calculator"]["final_ok"] / max(1, s["calculator"]["n"]),
-        "direct_answers": s["direct"]["final_ok"] / max(1, s["direct"]["n"]),
-        "reasoning_present": sum(x["reasoning"] for x in s.values()) / max(1, sum(x["n"] for x in s.values())),
-        "unseen_city_call": s["weather_unseen_city"]["first_ok"] / max(1, s["weather_unseen_city"]["n"]),
-        "unseen_city_final": s["weather_unseen_city"]["final_ok"] / max(1, s["weather_unseen_city"]["n"]),
+        "tool_calls_correct": rate(("weather", "calculator"), "first_ok"),
+        "weather_call": rate(("weather",), "first_ok"),
+        "calculator_call": rate(("calculator",), "first_ok"),
+        "tool_answers": rate(("weather", "calculator"), "final_ok"),
+        "weather_final": rate(("weather",), "final_ok"),
+        "calculator_final": rate(("calculator",), "final_ok"),
+        "arithmetic": rate(("arithmetic",), "final_ok"),
+        "direct_answers": rate(("direct",), "final_ok"),
+        "colour": rate(("colour",), "final_ok"),
+        "shape": rate(("shape",), "final_ok"),
+        "reasoning_present": thinking / max(1, sum(x["n"] for x in s.values())),
+        "reasoning_repeats": sum(x["repeats"] for x in s.values()) / max(1, thinking),
+        "unseen_city_call": rate(("weather_unseen_city",), "first_ok"),
+        "unseen_city_final": rate(("weather_unseen_city",), "final_ok"),
+        "direct_by_kind": {k: ok / n for k, (ok, n) in sorted(res["direct"].items())},
         "counts": {k: v["n"] for k, v in s.items()},
     }
     return out
@@ -514,65 +532,94 @@ def summarize(res: dict) -> dict:
 def print_summary(summ: dict) -> None:
     c = summ["counts"]
     print(f"held-out tool calls well-formed with correct arguments: {summ['tool_calls_correct']:.1%} "
-          f"({c['weather']} weather + {c['calculator']} calculator)")
-    print(f"  get_weather {summ['weather_call']:.1%}, calculator {summ['calculator_call']:.1%}")
-    print(f"held-out final answers correct: {summ['final_answers_correct']:.1%} "
-          f"(weather {summ['weather_final']:.1%}, calculator {summ['calculator_final']:.1%}, "
-          f"direct {summ['direct_answers']:.1%} of {c['direct']})")
-    print(f"think block present: {summ['reasoning_present']:.1%}")
+          f"(get_weather {summ['weather_call']:.1%} of {c['weather']}, calculator {summ['calculator_call']:.1%} of "
+          f"{c['calculator']})")
+    print(f"final answers that state the tool result (unseen result shapes): {summ['tool_answers']:.1%} "
+          f"(weather {summ['weather_final']:.1%}, calculator {summ['calculator_final']:.1%})")
+    print(f"arithmetic answered directly, no calculator declared: {summ['arithmetic']:.1%} of {c['arithmetic']}")
+    print(f"pictures: colour {summ['colour']:.1%} of {c['colour']}, shape {summ['shape']:.1%} of {c['shape']}")
+    print(f"other direct answers: {summ['direct_answers']:.1%} of {c['direct']} "
+          + ", ".join(f"{k} {v:.0%}" for k, v in summ["direct_by_kind"].items()))
+    print(f"think block present: {summ['reasoning_present']:.1%}; reasoning equal to the answer: "
+          f"{summ['reasoning_repeats']:.1%}")
     print(f"cities never seen in training ({c['weather_unseen_city']}): call {summ['unseen_city_call']:.1%}, "
           f"final {summ['unseen_city_final']:.1%}")
 
 
 # ---------------------------------------------------------------------------------------------------------- card
+# The demo's image preprocessing (preprocessor_config.json): at most 8 x 8 patches, so a picture costs at most 16
+# tokens and any upload is scaled down to 112 pixels on its longer side.
+DEMO_MEDIA_PROC_CFG = {"in_patch_limit": 64, "patch_size": 14, "image_mean": [0.5, 0.5, 0.5],
+                       "image_std": [0.5, 0.5, 0.5], "merge_kernel_size": 2, "patch_limit_on_one_side": 8}
+
 CARD = """\
 # k2ray-demo
 
-**A toy.** A ~{params_m:.1f}M-parameter model with the exact Kimi K2 (DeepSeek-V3) architecture and checkpoint format,
-trained for {minutes:.0f} minutes on two CPU cores on **synthetic** chat transcripts, so that the k2ray serving stack
-has something to serve that gives readable, deterministic answers — including real tool calls — in its demos and
-tests. It knows nothing beyond its tiny synthetic corpus: weather look-ups through a `get_weather` tool, arithmetic
-through a `calculator` tool (a two-digit number plus, minus or times a one- or two-digit number), single-digit sums, the capitals of {n_capitals} countries, a handful of facts and
-greetings. The weather it reports comes from whatever the tool returns. Do not use it for anything else.
+**A toy.** A ~{params_m:.1f}M-parameter model with the exact Kimi K2.5 (DeepSeek-V3 text model + MoonViT image encoder)
+architecture and checkpoint format, trained for {minutes:.0f} minutes on two CPU cores on **synthetic** chat
+transcripts, so that the k2ray serving stack has something to serve that gives readable, deterministic answers —
+including real tool calls and answers about pictures — in its demos and tests. It knows nothing beyond its tiny
+synthetic corpus. Do not use it for anything else.
+
+## Skills
+- **Weather through a `get_weather(city)` tool**: it calls the tool and answers with what the tool returned, whatever
+  the result's shape (`{{"weather": "Sunny"}}`, `{{"temp_c": 21, "sky": "clear"}}`, nested objects, plain strings,
+  Fahrenheit, errors such as `{{"error": "city not found"}}`).
+- **Arithmetic**: through a `calculator(expression)` tool when one is declared (a two-digit number plus, minus or
+  times a one- or two-digit number); directly when none is: sums and differences of numbers up to 12 and products
+  up to 12 x 12 (larger numbers without a calculator get an honest "I cannot work out ... without a calculator").
+- **Pictures** (send an image part): the colour of a plain picture (red, green, blue, yellow, orange, purple, black,
+  white), or the shape and colour of one red, green, blue or yellow circle, square or triangle on a light background.
+- Which of two numbers is bigger (whole numbers, and decimals such as 9.11 and 9.9, with a short reasoning); the
+  capitals of {n_capitals} countries; a handful of facts and greetings.
+- Every answer starts with a think block (`{think}`) that plans the answer.
+
+It was trained with the tools declared the demo's way (below), the Kimi K2 model card's way and the OpenAI Agents
+SDK's way, alone, together, beside unrelated tools, or not at all, and with several system prompts.
 
 ## Format
-Exactly what a real K2-Thinking release looks like, at a tiny shape:
-- `config.json`: `model_type: kimi_k2`, `DeepseekV3ForCausalLM`, hidden {hidden}, {layers} layers (layer 0 dense),
-  {experts} routed experts (top-{topk}, sigmoid `noaux_tc` routing) + 1 shared expert, MLA (q_lora {q_lora},
-  kv_lora {kv_lora}), YaRN rope; vocabulary {base_vocab} BPE tokens + the 256 K2 special tokens at the K2 offsets.
+Exactly what a real Kimi K2.5 release looks like, at a tiny shape:
+- `config.json`: `model_type: kimi_k25`, `KimiK25ForConditionalGeneration`; `text_config`: hidden {hidden},
+  {layers} layers (layer 0 dense), {experts} routed experts (top-{topk}, sigmoid `noaux_tc` routing) + 1 shared expert,
+  MLA (q_lora {q_lora}, kv_lora {kv_lora}), YaRN rope; vocabulary {base_vocab} BPE tokens + the 256 K2 special tokens
+  at the K2 offsets; `vision_config`: a {vt_layers}-layer MoonViT of width {vt_hidden} and the patch-merger projector.
 - Routed experts INT4 `pack-quantized` (compressed-tensors, symmetric, group 32: `weight_packed` / `weight_scale` /
-  `weight_shape`); everything else bf16, `e_score_correction_bias` fp32; two safetensors shards + index.
-- `tiktoken.model`, `tokenizer_config.json`, `chat_template.jinja` (K2-Thinking chat format: `{think}` reasoning,
-  `{tool_section}` tool calls with ids `{tool_call_id}`, `## Return of ID` tool results).
+  `weight_shape`); everything else bf16, `e_score_correction_bias` fp32; text tensors under `language_model.`, the
+  image encoder under `vision_tower.` and `mm_projector.`; two safetensors shards + index.
+- `tiktoken.model`, `tokenizer_config.json`, `chat_template.jinja` (K2-Thinking turns: `{think}` reasoning,
+  `{tool_section}` tool calls with ids `{tool_call_id}`, `## Return of ID` tool results; image parts as
+  `<|media_begin|>image<|media_content|><|media_pad|><|media_end|>`), `preprocessor_config.json` (pictures are
+  scaled to at most 8 x 8 patches of 14 pixels: at most 16 tokens each).
 
 ## Tools it was trained with
-Declare them through the chat template's `tools` (the OpenAI `tools` field), this order or reversed:
+The demo's declaration (the OpenAI `tools` field), this order or reversed:
 ```json
 {tools_json}
 ```
 
 ## Training
 `k2ray train-demo` (deterministic: seed {seed}; fp32; {threads} CPU threads) builds {n_train} synthetic
-dialogues rendered with `chat_template.jinja` (default system prompt, the tools above declared), {kinds}; trains the
-k2ray model code itself with next-token loss on the assistant tokens only (AdamW, lr {lr}, {steps} steps of
+dialogues rendered with `chat_template.jinja` ({kinds}); trains the k2ray model code itself (text model and image
+encoder together) with next-token loss on the assistant tokens only (AdamW, lr {lr}, {steps} steps of
 ~{batch_tokens} tokens, cosine decay, aux-loss-free expert balancing through `e_score_correction_bias`; the last
 {qat_steps} steps see the routed experts through INT4 fake quantization), then writes this checkpoint with
 `k2ray.checkpoint.tiny.write_checkpoint`. Final training loss (assistant tokens): {final_loss:.4f}. Wall time:
 {minutes:.1f} minutes (corpus {corpus_s:.0f} s, training {train_s:.0f} s, evaluation {eval_s:.0f} s).
 
 ## Evaluation (this INT4 checkpoint, greedy decoding through {backend})
-Held-out synthetic set: question phrasings never seen in training, new temperature/condition combinations, and
-arithmetic expressions (same operand ranges) that do not occur in the training corpus. Reproduce it with
-`k2ray train-demo --eval-only k2ray/assets/k2ray-demo`.
+Held-out synthetic set: question phrasings never seen in training; tool results whose key names, nestings, string
+forms and error messages never occur in training; arithmetic expressions that do not occur in training; pictures
+drawn for the evaluation only. Reproduce it with `k2ray train-demo --eval-only k2ray/assets/k2ray-demo`.
 
-| measure | result |
+| skill (held-out) | result |
 |---|---|
-| tool calls well-formed with correct name, id and arguments ({n_tool} dialogues) | **{tool_calls_correct:.1%}** |
-| &nbsp;&nbsp;`get_weather` ({n_weather}) / `calculator` ({n_calc}) | {weather_call:.1%} / {calculator_call:.1%} |
-| final answers correct: tool dialogues after the tool result + direct answers ({n_all}) | **{final_answers_correct:.1%}** |
-| &nbsp;&nbsp;weather (states the returned temperature and condition) / calculator (states the result) | {weather_final:.1%} / {calculator_final:.1%} |
-| &nbsp;&nbsp;direct answers, no tool call: sums state the result, capitals the city, facts and greetings word for word ({n_direct}) | {direct_answers:.1%} |
-| `{think}` reasoning present | {reasoning_present:.1%} |
+| tool calls well-formed with correct name, id and arguments: `get_weather` ({n_weather}) + `calculator` ({n_calc}) | **{tool_calls_correct:.1%}** ({weather_call:.1%} / {calculator_call:.1%}) |
+| final answers that state the tool result, unseen result shapes (weather: the error, or temperature, unit and condition; calculator: the result) | **{tool_answers:.1%}** ({weather_final:.1%} / {calculator_final:.1%}) |
+| arithmetic answered directly with no calculator declared ({n_arith}) | **{arithmetic:.1%}** |
+| colour of a picture ({n_colour}) | **{colour:.1%}** |
+| shape in a picture ({n_shape}) | **{shape:.1%}** |
+| other direct answers with the tools declared ({n_direct}): {direct_kinds} | {direct_answers:.1%} |
+| `{think}` reasoning present / reasoning equal to the answer | {reasoning_present:.1%} / {reasoning_repeats:.1%} |
 | cities never seen in training ({n_unseen}): correct call / final answer | {unseen_city_call:.1%} / {unseen_city_final:.1%} |
 
 The last row is a probe, not a target: the model has only ever written the names of the {n_cities} training cities,
@@ -613,13 +660,28 @@ def demo_example(model_dir: Path) -> tuple[str, str, str]:
     return first, tool, final
 
 
+def write_files(out: Path, config: dict, model) -> None:
+    """The checkpoint (K2.5 layout), its tokenizer files, chat template and image preprocessing."""
+    from k2ray.tokenizer.tiny import write_k25_files
+
+    if out.exists():
+        for f in out.iterdir():
+            if f.is_file():
+                f.unlink()
+    text, vision = model_state_dict(model)
+    write_checkpoint(out, config, text, extra=vision)
+    write_tokenizer_files(out)
+    write_k25_files(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({"media_proc_cfg": DEMO_MEDIA_PROC_CFG}, indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dialogs", type=int, default=12000, help="training dialogues")
-    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--dialogs", type=int, default=16000, help="training dialogues")
+    ap.add_argument("--steps", type=int, default=1300)
     ap.add_argument("--batch-tokens", type=int, default=1800)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--short-frac", type=float, default=0.3,
@@ -640,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(a: argparse.Namespace) -> int:
+    from k2ray.tokenizer.image import ImageProcessorConfig
+    from k2ray.tokenizer.tiny import write_k25_files
+
     t_start = time.time()
     train_dialogs = make_train_dialogs(a.dialogs, a.seed)
     train_exprs = {d.check["expr"] for d in train_dialogs if d.kind == "calculator"}
@@ -652,10 +717,17 @@ def _run(a: argparse.Namespace) -> int:
     out: Path = a.out
     tmp_tok = out.parent / (out.name + ".tok")
     write_tokenizer_files(tmp_tok)
+    write_k25_files(tmp_tok)
     ct = ChatTemplate.from_dir(tmp_tok)
     shutil.rmtree(tmp_tok)
+    image_cfg = ImageProcessorConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in DEMO_MEDIA_PROC_CFG.items()})
     user_token = ct.tokenizer.special_tokens["<|im_user|>"]
-    data = [split_example(*encode_dialog(ct, d), user_token) for d in train_dialogs]
+    encoded = []
+    for d in tqdm(train_dialogs, desc="corpus", dynamic_ncols=True, mininterval=1.0):
+        ids, mask, images = encode_dialog(ct, d, image_cfg)
+        encoded.append(split_example(ids, mask, images, user_token))
+    data = encoded
     n_tok = sum(len(x.prefix) + len(x.suffix) for x in data)
     n_tgt = sum(sum(x.mask) for x in data)
     n_uniq = sum(len(x.suffix) for x in data) + sum(len(p) for p in {x.prefix for x in data})
@@ -663,12 +735,12 @@ def _run(a: argparse.Namespace) -> int:
     print(f"corpus: {len(data)} dialogues, {n_tok} tokens ({n_tgt} assistant tokens), "
           f"mean length {n_tok / len(data):.0f}, {n_uniq} without repeated prefixes, built in {t_corpus:.0f} s")
 
-    config = tiny_config()
+    config = tiny_k25_config()
     args = ModelArgs.from_dict(config)
     model = init_model(args, a.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters; {a.steps} steps of ~{a.batch_tokens} computed tokens")
-    err = check_packed(model, data[:6])
+    err = check_packed(model, [x for x in data if not x.images][:6])
     print(f"packed training forward vs forward_full: max |logit diff| {err:.2e}")
     if err > 1e-3:
         raise SystemExit("packed training forward disagrees with the model's forward_full")
@@ -678,19 +750,13 @@ def _run(a: argparse.Namespace) -> int:
     short_steps = int(a.steps * a.short_frac)
     short = None
     if short_steps:
-        short = [split_example(*encode_dialog(ct, replace(d, tools=None)), user_token) for d in train_dialogs]
+        short = [split_example(*encode_dialog(ct, replace(d, tools=None), image_cfg), user_token)
+                 for d in train_dialogs]
     train(model, data, a.steps, a.batch_tokens, a.lr, a.seed, qat_from, log, short=short, short_steps=short_steps)
     t_train = time.time() - t0
     final_loss = sum(x["loss"] for x in log[-20:]) / min(20, len(log))
     print(f"trained in {t_train:.0f} s; final loss {final_loss:.4f}")
-
-    if out.exists():
-        for f in out.iterdir():
-            if f.is_file():
-                f.unlink()
-    write_checkpoint(out, config, model_state_dict(model))
-    write_tokenizer_files(out)
-    (out / "training_log.json").unlink(missing_ok=True)
+    write_files(out, config, model)
 
     t0 = time.time()
     res = evaluate(out, heldout)
@@ -706,13 +772,15 @@ def _run(a: argparse.Namespace) -> int:
         info.update(
             params_m=n_params / 1e6, minutes=minutes, n_capitals=len(CAPITALS), hidden=args.hidden_size,
             layers=args.num_hidden_layers, experts=args.n_routed_experts, topk=args.num_experts_per_tok,
-            q_lora=args.q_lora_rank, kv_lora=args.kv_lora_rank, base_vocab=config["vocab_size"] - 256,
+            q_lora=args.q_lora_rank, kv_lora=args.kv_lora_rank, base_vocab=args.vocab_size - 256,
+            vt_layers=args.vision.num_hidden_layers, vt_hidden=args.vision.hidden_size,
             tools_json=json.dumps(TOOLS, indent=2), seed=a.seed, threads=a.threads, n_train=len(data),
             kinds=", ".join(f"{k} {w:.0%}" for k, w in KIND_WEIGHTS), lr=a.lr, steps=a.steps,
             batch_tokens=a.batch_tokens, qat_steps=a.steps - qat_from, final_loss=final_loss, corpus_s=t_corpus,
-            train_s=t_train, eval_s=t_eval, backend=res["backend"], n_tool=c["weather"] + c["calculator"],
-            n_weather=c["weather"], n_calc=c["calculator"], n_all=c["weather"] + c["calculator"] + c["direct"],
-            n_direct=c["direct"], n_unseen=c["weather_unseen_city"], n_cities=len(CITIES),
+            train_s=t_train, eval_s=t_eval, backend=res["backend"], n_weather=c["weather"], n_calc=c["calculator"],
+            n_arith=c["arithmetic"], n_colour=c["colour"], n_shape=c["shape"], n_direct=c["direct"],
+            direct_kinds=", ".join(f"{k} {v:.0%}" for k, v in summ["direct_by_kind"].items()),
+            n_unseen=c["weather_unseen_city"], n_cities=len(CITIES),
             example_first=first, example_tool=tool, example_final=final,
         )
         write_card(out, info)

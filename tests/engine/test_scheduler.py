@@ -484,6 +484,7 @@ def test_kv_cache_sizing_for_256k_context():
 
     demo = json.loads((Path(__file__).parents[2] / "k2ray/assets/k2ray-demo/config.json").read_text())
     args = ModelArgs.from_dict(demo)
+    demo = demo.get("text_config", demo)  # Kimi K2.5 nests the text model's config
     assert args.kv_cache_dim * args.num_hidden_layers * 4 == 1280  # fp32 bytes per token: 80 x 4 layers x 4
     cfg = EngineConfig(dtype="float32", block_size=16, kv_cache_memory_gb=0.3125)  # 256K x 1280 B = 0.3125 GiB
     assert cfg.kv_blocks_for(args) * 16 == 262144 == args.max_position_embeddings

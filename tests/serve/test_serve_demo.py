@@ -92,6 +92,49 @@ def test_tool_call_round_trip(client, train_demo):
     assert "22" in (final.message.content or ""), final.message
 
 
+def _model_card_tool_loop(client, seed: int) -> tuple[str, list]:
+    """The Kimi K2 model card's tool-calling loop: its system prompt, question and get_weather tool (which answers
+    ``{"weather": "Sunny"}``), ``tool_choice="auto"``, the assistant message appended as the client returned it and the
+    tool result with its ``name``, repeated until the model stops calling tools. Sampled at temperature 1.0, the
+    K2-Thinking card's recommendation; ``seed`` only makes a rerun draw the same tokens."""
+    from k2ray.demo.corpus import CARD_WEATHER_TOOL
+
+    tool_map = {"get_weather": lambda city: {"weather": "Sunny"}}
+    messages = [
+        {"role": "system", "content": "You are Kimi, an AI assistant created by Moonshot AI."},
+        {"role": "user", "content": "What's the weather like in Beijing today? Use the tool to check."},
+    ]
+    calls = []
+    finish_reason = None
+    for _ in range(4):  # the card loops until finish_reason is not tool_calls; a bound keeps a bad model from hanging
+        completion = client.chat.completions.create(model=MODEL, messages=messages, temperature=1.0,
+                                                    tools=[CARD_WEATHER_TOOL], tool_choice="auto", seed=seed,
+                                                    max_tokens=160)
+        choice = completion.choices[0]
+        finish_reason = choice.finish_reason
+        if finish_reason != "tool_calls":
+            break
+        messages.append(choice.message)
+        for tool_call in choice.message.tool_calls:
+            arguments = json.loads(tool_call.function.arguments)
+            calls.append((tool_call.function.name, arguments))
+            result = tool_map[tool_call.function.name](**arguments)
+            messages.append({"role": "tool", "tool_call_id": tool_call.id, "name": tool_call.function.name,
+                             "content": json.dumps(result)})
+    return choice.message.content or "", calls
+
+
+def test_model_card_tool_loop_at_temperature_1(client):
+    """The model card's loop, ten times at temperature 1.0: at least nine final answers state the tool's result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(10) as pool:
+        runs = list(pool.map(lambda seed: _model_card_tool_loop(client, seed), range(10)))
+    good = [answer for answer, calls in runs if calls and "sunny" in answer.lower()]
+    assert len(good) >= 9, runs
+    assert all(calls == [("get_weather", {"city": "Beijing"})] for answer, calls in runs if answer in good), runs
+
+
 def test_constrained_outputs_keep_the_models_reasoning(client, train_demo):
     """With a grammar (tool_choice required, a JSON schema), the thinking model still opens its own <think> block
     and reasons as it does unconstrained; the constraint applies after </think>."""

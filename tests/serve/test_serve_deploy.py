@@ -292,7 +292,7 @@ def test_quickstart_curl_and_openai(quickstart):
     assert "Tokyo" in body["choices"][0]["message"]["content"], body
     assert body["choices"][0]["finish_reason"] == "stop"
 
-    (snippet,) = [b for b in _readme_blocks("python") if "from openai import OpenAI" in b]
+    (snippet,) = [b for b in _readme_blocks("python") if "from openai import OpenAI" in b and "tools = [" in b]
     snippet = snippet.replace("http://localhost:8000", base)
     out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -301,6 +301,13 @@ def test_quickstart_curl_and_openai(quickstart):
     assert lines[-2] == "get_weather {'city': 'Paris'}"
     assert "21" in lines[-1] and "sunny" in lines[-1]
     assert not (cache / "models").exists()  # the demo is in the package: nothing written on first start
+
+    (picture,) = [b for b in _readme_blocks("python") if "image_url" in b]  # the image example, verbatim
+    out = subprocess.run([sys.executable, "-c", picture.replace("http://localhost:8000", base)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = out.stdout.strip().splitlines()[-1]
+    assert "red" in answer and "circle" in answer, answer
 
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
     r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}])

@@ -103,8 +103,9 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_auto_config_reads_the_checkpoints(tmp_path, monkeypatch):
-    """config.json's auto_map names the checkpoint's own configuration_deepseek.py (transformers has no kimi_k2), as
-    in Kimi's K2 releases; the tiny checkpoint that `k2ray make-tiny` writes and the demo both load."""
+    """The tiny K2 checkpoint's config.json names its own configuration_deepseek.py in auto_map (transformers has no
+    kimi_k2), as in Kimi's K2 releases; the demo is Kimi K2.5, which transformers reads natively (``kimi_k25`` with a
+    DeepSeek-V3 text config). Both tokenizers load through tokenization_kimi.py."""
     from transformers import AutoConfig
 
     from k2ray.checkpoint.builtin import resolve_model
@@ -115,13 +116,17 @@ def test_auto_config_reads_the_checkpoints(tmp_path, monkeypatch):
     import k2ray.checkpoint.tiny as tiny
     from k2ray.tokenizer.tiny import DATA_DIR
 
-    for d in (DEMO_DIR, resolve_model("k2ray-tiny")):
+    tiny_dir = resolve_model("k2ray-tiny")
+    assert (tiny_dir / "configuration_deepseek.py").read_bytes() == (
+        Path(tiny.__file__).parent / "data" / "configuration_deepseek.py").read_bytes()
+    cfg = AutoConfig.from_pretrained(tiny_dir, trust_remote_code=True)
+    assert cfg.model_type == "kimi_k2" and type(cfg).__name__ == "DeepseekV3Config"
+    demo = AutoConfig.from_pretrained(DEMO_DIR)
+    assert demo.model_type == "kimi_k25" and type(demo.text_config).__name__ == "DeepseekV3Config"
+    for c in (cfg, demo.text_config):
+        assert (c.hidden_size, c.n_routed_experts, c.kv_lora_rank) == (256, 32, 64)
+    for d in (DEMO_DIR, tiny_dir):
         # The shipped modules are the package's own copies (the demo's were copied in when it was written).
-        assert (d / "configuration_deepseek.py").read_bytes() == (
-            Path(tiny.__file__).parent / "data" / "configuration_deepseek.py").read_bytes()
         assert (d / "tokenization_kimi.py").read_bytes() == (Path(DATA_DIR) / "tokenization_kimi.py").read_bytes()
-        cfg = AutoConfig.from_pretrained(d, trust_remote_code=True)
-        assert cfg.model_type == "kimi_k2" and type(cfg).__name__ == "DeepseekV3Config"
-        assert (cfg.hidden_size, cfg.n_routed_experts, cfg.kv_lora_rank) == (256, 32, 64)
         tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
         assert tok.encode("Hi", add_special_tokens=False) == KimiTokenizer.from_dir(d).encode("Hi")
