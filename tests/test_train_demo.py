@@ -235,7 +235,8 @@ def test_fake_quant_is_the_exported_int4(td):
 
 def test_short_run_writes_a_servable_k25_checkpoint(td, tmp_path):
     out = tmp_path / "demo"
-    assert td.main(["--steps", "4", "--dialogs", "80", "--batch-tokens", "600", "--out", str(out)]) == 0
+    argv = ["--steps", "4", "--dialogs", "80", "--batch-tokens", "600", "--vision-steps", "3", "--out", str(out)]
+    assert td.main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "kimi_k25" and config["quantization_config"]["format"] == "pack-quantized"
     assert json.loads((out / "preprocessor_config.json").read_text())["media_proc_cfg"] == td.DEMO_MEDIA_PROC_CFG

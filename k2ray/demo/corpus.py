@@ -182,7 +182,7 @@ CALC_Q_HELDOUT = [
     "Compute {a} {word} {b}, please.",
 ]
 CALC_THINK = "This needs exact arithmetic, so I will use the calculator to evaluate {a} {sym} {b}."
-CALC_THINK_2 = "The calculator answered, so I can give the user the exact result."
+CALC_THINK_2 = "The calculator returned {r}. I will give the user the exact result."
 CALC_ANSWERS = ["The result is {r}.", "{a} {sym} {b} is {r}.", "{a} {sym} {b} = {r}."]
 
 SUM_Q = [
@@ -260,8 +260,12 @@ CALC_SHAPES = [lambda r: {"result": r}, lambda r: {"value": r}, lambda r: {"answ
 HELDOUT_CALC_SHAPES = [lambda r: {"res": r}, lambda r: {"data": {"result": r}}, lambda r: f"Result: {r}",
                        lambda r: {"computed_value": r}]
 
-WEATHER_THINK_2 = "get_weather answered for {city}. I will tell the user what it says."
-WEATHER_THINK_ERR = "get_weather returned an error, so I will say that I could not get the weather."
+# After the result, the reasoning first picks out what it says in one fixed form (the answer then restates it):
+# finding the values in a result of any shape is the hard part, and one form is easier to learn than three templates.
+WEATHER_THINK_BOTH = "The result says {cond}, {temp} degrees {unit}. I will tell the user."
+WEATHER_THINK_COND = "The result says {cond}. I will tell the user."
+WEATHER_THINK_TEMP = "The result says {temp} degrees {unit}. I will tell the user."
+WEATHER_THINK_ERR = "The result is an error: {error}. I will say that I could not get the weather."
 WEATHER_BOTH = ["It is {cond} in {city}, {temp} degrees {unit}.",
                 "The weather in {city} is {cond} with a temperature of {temp} degrees {unit}.",
                 "In {city} it is {temp} degrees {unit} and {cond}."]
@@ -355,9 +359,12 @@ def weather_answer(rng: random.Random, city: str, rep: WeatherReport) -> tuple[s
     """(reasoning, answer) after a get_weather result."""
     f = dict(city=city, temp=rep.temp, unit=rep.unit, cond=rep.cond, error=rep.error)
     if rep.error:
-        return WEATHER_THINK_ERR, rng.choice(WEATHER_ERR).format(**f)
-    table = WEATHER_BOTH if rep.temp and rep.cond else WEATHER_COND if rep.cond else WEATHER_TEMP
-    return WEATHER_THINK_2.format(**f), rng.choice(table).format(**f)
+        return WEATHER_THINK_ERR.format(**f), rng.choice(WEATHER_ERR).format(**f)
+    if rep.temp and rep.cond:
+        return WEATHER_THINK_BOTH.format(**f), rng.choice(WEATHER_BOTH).format(**f)
+    if rep.cond:
+        return WEATHER_THINK_COND.format(**f), rng.choice(WEATHER_COND).format(**f)
+    return WEATHER_THINK_TEMP.format(**f), rng.choice(WEATHER_TEMP).format(**f)
 
 # ---------------------------------------------------------------------------------------------------------- more skills
 COMPARE_Q = ["Which is bigger, {x} or {y}?", "Which number is larger: {x} or {y}?",
@@ -439,7 +446,8 @@ def _calc(rng: random.Random, held_out: bool, idx: int, seen: set | None = None)
         _user(rng, rng.choice(CALC_Q_HELDOUT if held_out else CALC_Q).format(**f)),
         {"role": "assistant", "content": "", "reasoning_content": CALC_THINK.format(**f), "tool_calls": [call]},
         {"role": "tool", "tool_call_id": call["id"], "content": result},
-        {"role": "assistant", "content": rng.choice(CALC_ANSWERS).format(**f), "reasoning_content": CALC_THINK_2},
+        {"role": "assistant", "content": rng.choice(CALC_ANSWERS).format(**f),
+         "reasoning_content": CALC_THINK_2.format(**f)},
     ]
     return msgs, {"tool": "calculator", "args": {"expression": expr}, "expr": (a, sym, b), "result": r}
 
@@ -595,8 +603,8 @@ def _tools_for(rng: random.Random, kind: str) -> list | None:
     """The tool declaration: mostly the demo's two tools; also the model card's and the Agents SDK's spellings, one
     tool alone, an unrelated tool beside them, or none. Arithmetic without a declared calculator is answered
     directly, so that kind draws declarations without the calculator half of the time."""
-    weather = rng.choices([WEATHER_TOOL, CARD_WEATHER_TOOL, SDK_WEATHER_TOOL], [0.65, 0.15, 0.2])[0]
-    calc = rng.choices([CALCULATOR_TOOL, SDK_CALCULATOR_TOOL], [0.8, 0.2])[0]
+    weather = rng.choices([WEATHER_TOOL, CARD_WEATHER_TOOL, SDK_WEATHER_TOOL], [0.76, 0.12, 0.12])[0]
+    calc = rng.choices([CALCULATOR_TOOL, SDK_CALCULATOR_TOOL], [0.88, 0.12])[0]
     x = rng.random()
     if kind == "arithmetic" and rng.random() < 0.8:
         tools = [None, [weather], [rng.choice(OTHER_TOOLS)], [weather, rng.choice(OTHER_TOOLS)]][
@@ -610,7 +618,7 @@ def _tools_for(rng: random.Random, kind: str) -> list | None:
         return None
     else:
         tools = [weather, calc] if rng.random() < 0.85 else [calc, weather]
-    if rng.random() < 0.12:
+    if rng.random() < 0.08:
         tools.insert(rng.randrange(len(tools) + 1), rng.choice(OTHER_TOOLS))
     if tools == [WEATHER_TOOL, CALCULATOR_TOOL]:
         return TOOLS
@@ -619,9 +627,9 @@ def _tools_for(rng: random.Random, kind: str) -> list | None:
 
 def _system(rng: random.Random) -> list[dict]:
     x = rng.random()
-    if x < 0.75:
+    if x < 0.8:
         return []  # the template's default, DEFAULT_SYSTEM
-    if x < 0.83:
+    if x < 0.87:
         return [{"role": "system", "content": DEFAULT_SYSTEM}]
     return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}]
 

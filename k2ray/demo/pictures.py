@@ -32,11 +32,11 @@ def solid(rng: random.Random, colour: str) -> Image.Image:
 
 
 def shape_picture(rng: random.Random, shape: str, colour: str) -> Image.Image:
-    """One filled shape, 45-80% of the shorter side, somewhere on a white or light grey background."""
+    """One filled shape, 55-90% of the shorter side, somewhere on a white or light grey background."""
     w, h = _size(rng)
     grey = rng.randint(200, 255)
     img = Image.new("RGB", (w, h), (grey, grey, grey))
-    side = int(min(w, h) * rng.uniform(0.45, 0.8))
+    side = int(min(w, h) * rng.uniform(0.55, 0.9))
     x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
     box = (x0, y0, x0 + side - 1, y0 + side - 1)
     fill = _shade(rng, colour)

@@ -177,6 +177,56 @@ class BalanceTracker:
         return worst
 
 
+def pretrain_vision(vision: KimiVisionEncoder, image_cfg, steps: int, seed: int, batch: int = 48,
+                    lr: float = 1e-3) -> float:
+    """Warm the image encoder up before the language model trains with it: the encoder (tower and projector) and a
+    linear probe on its mean output learn each picture's shape (none, circle, square, triangle) and colour from
+    freshly drawn pictures; the probe is then dropped. Through the language model's loss alone the shapes were not
+    learned (a third right: chance), the colours were. Returns the shape accuracy on 300 new pictures (600 steps:
+    ~97%, about a minute)."""
+    import random
+
+    from k2ray.demo.pictures import COLOURS, SHAPE_COLOURS, SHAPES, shape_picture, solid
+    from k2ray.tokenizer.image import preprocess_image
+
+    rng = random.Random(seed + 7)
+    colours = sorted(COLOURS)
+    probe = torch.nn.Linear(vision.args.text_hidden_size, 1 + len(SHAPES) + len(colours))
+
+    def draw(n: int):
+        pics, shapes, cols = [], [], []
+        for _ in range(n):
+            if rng.random() < 0.3:
+                colour, shape = rng.choice(colours), None
+                img = solid(rng, colour)
+            else:
+                colour, shape = rng.choice(SHAPE_COLOURS), rng.choice(SHAPES)
+                img = shape_picture(rng, shape, colour)
+            pics.append(preprocess_image(img, image_cfg))
+            shapes.append(0 if shape is None else 1 + SHAPES.index(shape))
+            cols.append(colours.index(colour))
+        return pics, torch.tensor(shapes), torch.tensor(cols)
+
+    def logits(pics):
+        out = vision(torch.cat([p.pixel_values for p in pics]), [p.grid for p in pics])
+        return probe(torch.stack([e.mean(0) for e in out]))
+
+    opt = torch.optim.AdamW(list(vision.parameters()) + list(probe.parameters()), lr=lr, weight_decay=0.0)
+    bar = tqdm(range(steps), desc="image encoder warm-up", dynamic_ncols=True, mininterval=1.0)
+    for _ in bar:
+        pics, shapes, cols = draw(batch)
+        z = logits(pics)
+        loss = F.cross_entropy(z[:, : 1 + len(SHAPES)], shapes) + F.cross_entropy(z[:, 1 + len(SHAPES):], cols)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    with torch.no_grad():
+        pics, shapes, _ = draw(300)
+        return float((logits(pics)[:, : 1 + len(SHAPES)].argmax(1) == shapes).float().mean())
+
+
 @dataclass
 class Example:
     """A training sequence split at the end of the system turn: the prefix (tool declaration + system prompt) is
@@ -681,12 +731,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dialogs", type=int, default=16000, help="training dialogues")
-    ap.add_argument("--steps", type=int, default=1300)
+    ap.add_argument("--steps", type=int, default=1700)
     ap.add_argument("--batch-tokens", type=int, default=1800)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--short-frac", type=float, default=0.3,
                     help="first fraction of steps on the dialogues without the tool declaration (curriculum)")
     ap.add_argument("--qat-frac", type=float, default=0.2, help="final fraction of steps with INT4 fake quant")
+    ap.add_argument("--vision-steps", type=int, default=600, help="image encoder warm-up steps (pretrain_vision)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-only", type=Path, default=None, help="evaluate this checkpoint and exit")
     ap.add_argument("--no-card", action="store_true", help="do not write README.md")
@@ -740,6 +791,11 @@ def _run(a: argparse.Namespace) -> int:
     model = init_model(args, a.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters; {a.steps} steps of ~{a.batch_tokens} computed tokens")
+    if a.vision_steps:
+        acc = pretrain_vision(model.vision, image_cfg, a.vision_steps, a.seed)
+        print(f"image encoder warm-up: {a.vision_steps} steps, shape accuracy on new pictures {acc:.1%}")
+        for p in model.vision.vision_tower.parameters():  # keep what it learned; the projector goes on learning
+            p.requires_grad_(False)
     err = check_packed(model, [x for x in data if not x.images][:6])
     print(f"packed training forward vs forward_full: max |logit diff| {err:.2e}")
     if err > 1e-3:
