@@ -156,7 +156,30 @@ def test_weather_tool_call_and_answer(demo):
     assert not fw.tool_calls and fw.reasoning_content.strip(), final[0]
     assert "21" in fw.content and "sunny" in fw.content and "Paris" in fw.content, final[0]
     fc = parse_output(final[1])
-    assert not fc.tool_calls and "1081" in fc.content, final[1]
+    assert not fc.tool_calls and fc.content.strip(), final[1]  # whether it copies the result: the next test
+
+
+def test_calculator_results_are_restated(demo):
+    """After a calculator result the final answer states it. The model card's figure on held-out result shapes is
+    62.5%: results of three and four digits are two number tokens, and the toy often gets the second one wrong. This
+    guards the rate on the demo's own result shape, 20 fixed expressions (greedy: 13 right when it was trained)."""
+    from k2ray.demo.corpus import CALC_THINK
+    from k2ray.tokenizer.parsers import parse_output
+
+    convs, want = [], []
+    for i in range(20):
+        a, b, sym = 12 + 4 * i, 3 + 5 * i, "+-*"[i % 3]
+        a, b = (b, a) if sym == "-" and b > a else (a, b)
+        r = eval(f"{a} {sym} {b}")
+        call = {"id": "functions.calculator:0", "type": "function",
+                "function": {"name": "calculator", "arguments": json.dumps({"expression": f"{a} {sym} {b}"})}}
+        convs.append([{"role": "user", "content": f"What is {a} {sym} {b}?"},
+                      {"role": "assistant", "content": "", "reasoning_content": CALC_THINK.format(a=a, sym=sym, b=b),
+                       "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"result": r})}])
+        want.append(str(r))
+    right = sum(w in parse_output(t).content.replace(".", " ").split() for w, t in zip(want, demo(convs)))
+    assert right >= 12, right
 
 
 @pytest.fixture(scope="module")

@@ -169,7 +169,9 @@ def test_bad_requests(client, weather_tool):
         assert e.value.body["param"] == param, e.value.body
 
 
-@pytest.mark.parametrize("kind", ["responses", "chat_completions"])
+@pytest.mark.parametrize("kind", ["responses", pytest.param("chat_completions", marks=pytest.mark.xfail(
+    strict=True, reason="#24: the SDK's chat-completions model sends the tool-call turn back without its "
+    "reasoning_content; the demo never saw that in training and calls the tool again until max_turns"))])
 def test_agents_sdk_weather_agent(server, kind):
     """The OpenAI Agents SDK's get_weather agent as its documentation writes one (a ``function_tool`` from a typed
     function and its docstring, a plain-string result) runs to a final output that states the tool's values: with

@@ -130,9 +130,9 @@ def test_model_card_tool_loop_at_temperature_1(client):
 
     with ThreadPoolExecutor(10) as pool:
         runs = list(pool.map(lambda seed: _model_card_tool_loop(client, seed), range(10)))
-    good = [answer for answer, calls in runs if calls and "sunny" in answer.lower()]
+    good = [answer for answer, calls in runs
+            if ("get_weather", {"city": "Beijing"}) in calls and "sunny" in answer.lower()]
     assert len(good) >= 9, runs
-    assert all(calls == [("get_weather", {"city": "Beijing"})] for answer, calls in runs if answer in good), runs
 
 
 def test_constrained_outputs_keep_the_models_reasoning(client, train_demo):
