@@ -326,7 +326,6 @@ def weather_payload(rng: random.Random, city: str, held_out: bool) -> tuple[str,
         key = "temperature_f" if held_out else rng.choice(["temp_f", "fahrenheit"])
         return _dump({key: tf, cond_key: cond}), WeatherReport(str(tf), "Fahrenheit", cond)
     what = rng.choices(["both", "cond", "temp"], [0.7, 0.18, 0.12])[0]
-    inner: dict = {}
     rep = WeatherReport()
     items = []
     if what in ("both", "cond"):

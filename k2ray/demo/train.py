@@ -774,11 +774,10 @@ def _run(a: argparse.Namespace) -> int:
     image_cfg = ImageProcessorConfig(**{k: tuple(v) if isinstance(v, list) else v
                                         for k, v in DEMO_MEDIA_PROC_CFG.items()})
     user_token = ct.tokenizer.special_tokens["<|im_user|>"]
-    encoded = []
+    data = []
     for d in tqdm(train_dialogs, desc="corpus", dynamic_ncols=True, mininterval=1.0):
         ids, mask, images = encode_dialog(ct, d, image_cfg)
-        encoded.append(split_example(ids, mask, images, user_token))
-    data = encoded
+        data.append(split_example(ids, mask, images, user_token))
     n_tok = sum(len(x.prefix) + len(x.suffix) for x in data)
     n_tgt = sum(sum(x.mask) for x in data)
     n_uniq = sum(len(x.suffix) for x in data) + sum(len(p) for p in {x.prefix for x in data})
